@@ -1,0 +1,265 @@
+"""VCTree (Tang et al., CVPR 2019, "Learning to Compose Dynamic Tree Structures for Visual
+Contexts"): a task-dependent tree over each image's objects, bidirectional TreeLSTM context
+over it, and a predicate classifier with a frequency bias.
+
+Per image, a score s_ij = sigmoid(MLP([x_i, x_j, pair geometry])) (made symmetric) says how
+much objects i and j belong together; Prim's algorithm takes the maximum spanning tree of
+that score matrix, rooted at the object with the largest total score, and the multi-branch
+tree becomes a binary one (left child = first child, right child = next sibling), as in the
+paper. Two bidirectional binary TreeLSTMs (bottom-up and top-down) give object context (and,
+in SGCls, refined object classes) and then edge context; a pair's predicate logits are
+W [(W_s e_i) * (W_o e_j) * g(pair geometry)] + frequency bias.
+
+Simplification of the paper's hybrid learning: the tree is not sampled and trained with
+REINFORCE. Instead the score matrix gets gradients on two differentiable paths, which keep
+the paper's idea that the structure is learnt for the task: (1) every tree message is gated
+by the score of the edge it travels along (the child-to-parent state in the bottom-up sweep
+and the parent-to-child state in the top-down sweep are multiplied by s_ij), so the relation
+loss reaches the scores; (2) the paper's supervised part, binary cross-entropy that s_ij
+predicts "i and j are related (in either direction)", is added by `loss` with weight
+`tree_loss_weight`. The argmax (maximum spanning tree) itself is not differentiated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpsg.models.base import (
+    FrequencyBias,
+    LabelEmbedding,
+    ModelSpec,
+    ObjectEncoder,
+    RelationModel,
+    RelationOutput,
+    check_mode,
+    pair_labels,
+    register,
+)
+from fedpsg.psg_data import SceneBatch
+
+
+@dataclass
+class Forest:
+    """One tree per image, in global segment indices, -1 for none.
+
+    `parent` is the maximum spanning tree (multi-branch); `left` (first child) and `right`
+    (next sibling) are its binary form, `up` each node's parent in the binary form and
+    `depth` the depth there, which orders the batched TreeLSTM sweeps.
+    """
+
+    parent: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    up: torch.Tensor
+    depth: torch.Tensor
+
+
+@dataclass
+class VCTreeOutput(RelationOutput):
+    """Adds the tree scores: a symmetric logit per ordered pair (s_ij = sigmoid of it)."""
+
+    pair_score_logits: torch.Tensor  # [M]
+
+
+def prim_tree(score: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Prim's maximum spanning tree of a symmetric [n, n] score matrix.
+
+    Rooted at the node with the largest total score; returns each node's parent (-1 at the
+    root) and the order in which nodes joined the tree (parents always join first).
+    """
+    n = len(score)
+    root = int(score.sum(axis=1).argmax())
+    parent = np.full(n, -1)
+    joined = np.zeros(n, dtype=bool)
+    joined[root] = True
+    best, best_from = score[root].copy(), np.full(n, root)
+    order = [root]
+    for _ in range(n - 1):
+        v = int(np.where(joined, -np.inf, best).argmax())
+        joined[v], parent[v] = True, best_from[v]
+        order.append(v)
+        closer = score[v] > best
+        best, best_from = np.where(closer, score[v], best), np.where(closer, v, best_from)
+    return parent, order
+
+
+def build_forest(score: torch.Tensor, segment_image: torch.Tensor, num_images: int) -> Forest:
+    """The maximum spanning tree of every image and its left-child/right-sibling binary form.
+
+    `score` is the symmetric [N, N] score matrix of the batch; only entries within an image
+    are read.
+    """
+    n = segment_image.numel()
+    dense = score.detach().cpu().double().numpy()
+    parent, left, right, up, depth = (np.full(n, -1) for _ in range(5))
+    image = segment_image.cpu().numpy()
+    for b in range(num_images):
+        nodes = np.flatnonzero(image == b)
+        if nodes.size == 0:
+            continue
+        local_parent, order = prim_tree(dense[np.ix_(nodes, nodes)])
+        depth[nodes[order[0]]] = 0
+        last_child: dict[int, int] = {}
+        for v in order[1:]:
+            node, p = nodes[v], nodes[local_parent[v]]
+            parent[node] = p
+            if p in last_child:
+                right[last_child[p]] = node
+                up[node] = last_child[p]
+            else:
+                left[p] = node
+                up[node] = p
+            last_child[p] = node
+            depth[node] = depth[up[node]] + 1
+    return Forest(
+        *(torch.from_numpy(a).to(segment_image.device) for a in (parent, left, right, up, depth))
+    )
+
+
+def pair_index(batch: SceneBatch) -> torch.Tensor:
+    """[N, N] position of pair (i, j) in `batch.pairs`, -1 where there is none."""
+    n = batch.segment_image.numel()
+    index = torch.full((n, n), -1, dtype=torch.long, device=batch.pairs.device)
+    index[batch.pairs[:, 0], batch.pairs[:, 1]] = torch.arange(
+        batch.pairs.size(0), device=batch.pairs.device
+    )
+    return index
+
+
+class BiTreeLSTM(nn.Module):
+    """Bidirectional binary TreeLSTM over a `Forest`, all images at once, one depth at a time.
+
+    Bottom-up: an N-ary (N = 2) TreeLSTM cell (Tai et al. 2015) with a forget gate per child;
+    top-down: an LSTM cell fed by the parent. Every message is multiplied by the `gate` of the
+    edge it crosses (`gate[v]` belongs to the edge between v and its binary parent).
+    Returns [N, 2 * hidden_dim]: bottom-up and top-down hidden states.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.up_input = nn.Linear(input_dim, 5 * hidden_dim)
+        self.up_hidden = nn.Linear(2 * hidden_dim, 5 * hidden_dim, bias=False)
+        self.down = nn.LSTMCell(input_dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor, forest: Forest, gate: torch.Tensor) -> torch.Tensor:
+        n = x.size(0)
+        order = torch.argsort(forest.depth, stable=True)
+        levels = order.split(torch.bincount(forest.depth, minlength=1).tolist())
+        # Row n is the empty state of a missing child or parent.
+        left, right, up = (
+            torch.where(t >= 0, t, n) for t in (forest.left, forest.right, forest.up)
+        )
+        gate = torch.cat([gate, gate.new_zeros(1)])[:, None]
+        h = c = x.new_zeros(n + 1, self.hidden_dim)
+        projected = self.up_input(x)
+        for idx in reversed(levels):
+            hl, hr = h[left[idx]] * gate[left[idx]], h[right[idx]] * gate[right[idx]]
+            cl, cr = c[left[idx]] * gate[left[idx]], c[right[idx]] * gate[right[idx]]
+            i, fl, fr, o, u = (projected[idx] + self.up_hidden(torch.cat([hl, hr], 1))).chunk(5, 1)
+            c_new = i.sigmoid() * u.tanh() + fl.sigmoid() * cl + fr.sigmoid() * cr
+            h = h.index_copy(0, idx, o.sigmoid() * c_new.tanh())
+            c = c.index_copy(0, idx, c_new)
+        bottom_up = h[:n]
+        h = c = x.new_zeros(n + 1, self.hidden_dim)
+        for idx in levels:
+            parent, g = up[idx], gate[idx]
+            h_new, c_new = self.down(x[idx], (h[parent] * g, c[parent] * g))
+            h, c = h.index_copy(0, idx, h_new), c.index_copy(0, idx, c_new)
+        return torch.cat([bottom_up, h[:n]], dim=1)
+
+
+@register("vctree")
+class VCTree(RelationModel):
+    """VCTree relation head; see the module docstring for the tree and its training.
+
+    Parameters
+    ----------
+    hidden_dim : int
+        Width of segment features, TreeLSTM states and the pair representation.
+    embed_dim : int
+        Width of the class embedding.
+    tree_loss_weight : float
+        Weight of the binary cross-entropy that trains the tree scores to find related pairs.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        freq_prior: torch.Tensor | None = None,
+        hidden_dim: int = 128,
+        embed_dim: int = 64,
+        tree_loss_weight: float = 1.0,
+        **hparams: object,
+    ) -> None:
+        super().__init__(spec, freq_prior, **hparams)
+        self.tree_loss_weight = tree_loss_weight
+        node_dim = hidden_dim + embed_dim
+        self.encoder = ObjectEncoder(spec, hidden_dim)
+        self.labels = LabelEmbedding(spec.num_classes, embed_dim)
+        self.score = nn.Sequential(
+            nn.Linear(2 * node_dim + spec.pair_geometry_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, 1),
+        )
+        self.object_tree = BiTreeLSTM(node_dim, hidden_dim)
+        self.object_classify = nn.Linear(2 * hidden_dim, spec.num_classes)
+        self.edge_tree = BiTreeLSTM(2 * hidden_dim + embed_dim, hidden_dim)
+        self.subject_proj = nn.Linear(2 * hidden_dim, hidden_dim)
+        self.object_proj = nn.Linear(2 * hidden_dim, hidden_dim)
+        self.pair_proj = nn.Sequential(
+            nn.Linear(spec.pair_geometry_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+        )
+        self.classify = nn.Linear(hidden_dim, spec.num_predicates + 1)
+        self.frequency = FrequencyBias(spec, freq_prior)
+
+    def forward(self, batch: SceneBatch, mode: str = "predcls") -> VCTreeOutput:
+        sgcls = check_mode(mode) == "sgcls"
+        features = self.encoder(batch)
+        guess = self.encoder.classify(features) if sgcls else None
+        nodes = torch.cat([features, self.labels.embed(batch, guess, mode)], dim=1)
+        subject, obj = batch.pairs.unbind(1)
+        index = pair_index(batch)
+        raw = self.score(
+            torch.cat([nodes[subject], nodes[obj], batch.pair_geometry], dim=1)
+        ).squeeze(1)
+        score_logits = (raw + raw[index[obj, subject]]) / 2
+        score = score_logits.sigmoid()
+        n = nodes.size(0)
+        dense = score.new_zeros(n, n).index_put((subject, obj), score)
+        forest = build_forest(dense, batch.segment_image, batch.num_images)
+        child = torch.nonzero(forest.up >= 0).squeeze(1)
+        gate = score.new_ones(n).index_put((child,), score[index[forest.up[child], child]])
+
+        context = self.object_tree(nodes, forest, gate)
+        object_logits = self.object_output(
+            batch, self.object_classify(context) if sgcls else None, mode
+        )
+        edges = self.edge_tree(
+            torch.cat([context, self.labels.embed(batch, object_logits, mode)], dim=1), forest, gate
+        )
+        pair = (
+            self.subject_proj(edges)[subject]
+            * self.object_proj(edges)[obj]
+            * self.pair_proj(batch.pair_geometry)
+        )
+        predicate_logits = self.classify(pair) + self.frequency(
+            *pair_labels(batch, object_logits, mode)
+        )
+        return VCTreeOutput(predicate_logits, object_logits, score_logits)
+
+    def tree_loss(self, output: VCTreeOutput, batch: SceneBatch) -> torch.Tensor:
+        """Binary cross-entropy of the tree scores against "related in either direction"."""
+        if output.pair_score_logits.numel() == 0:
+            return output.pair_score_logits.sum()
+        related = batch.pair_labels > 0
+        reverse = pair_index(batch)[batch.pairs[:, 1], batch.pairs[:, 0]]
+        target = (related | related[reverse]).float()
+        return F.binary_cross_entropy_with_logits(output.pair_score_logits, target)
