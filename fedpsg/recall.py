@@ -1,0 +1,124 @@
+"""Graph-constrained Recall@K and mean Recall@K, as OpenPSG defines them (DESIGN.md 3).
+
+Every ordered pair of segments is one candidate triplet carrying its best non-background
+predicate (the graph constraint); candidates are ranked by that predicate's score, times the
+subject's and object's class scores in SGCls. A ground-truth triplet is recalled at K when a
+top-K candidate has its subject, object and predicate, and (SGCls) both predicted labels are
+right. R@K averages each image's recall over images with ground-truth relations; mR@K averages,
+per predicate, the recall over the images containing it, then over those predicates.
+
+OpenPSG divides mR by all predicate classes, so a class absent from the evaluated split counts
+as recall 0; here the mean runs over the predicates that occur, which is the same on a full
+test split and does not punish small or skewed splits for what they do not contain.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from fedpsg.models.base import RelationOutput, check_mode
+from fedpsg.psg_data import SceneBatch
+
+KS = (20, 50, 100)
+
+
+def rank_triplets(
+    predicate_scores: torch.Tensor,
+    subject_scores: torch.Tensor | None = None,
+    object_scores: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Graph-constrained ranking of one image's pairs.
+
+    `predicate_scores` is [m, P + 1] (column 0 background). Returns the pair order, best
+    first, and each pair's best non-background predicate (0-based).
+    """
+    best_score, best = predicate_scores[:, 1:].max(dim=1)
+    if subject_scores is not None and object_scores is not None:
+        best_score = best_score * subject_scores * object_scores
+    order = torch.argsort(best_score, descending=True, stable=True)
+    return order, best
+
+
+class RecallAccumulator:
+    """Collects per-image hits; `compute()` gives R@K and mR@K for every K in `ks`."""
+
+    def __init__(self, ks: tuple[int, ...] = KS) -> None:
+        self.ks = ks
+        self.recalls: dict[int, list[float]] = {k: [] for k in ks}
+        self.per_predicate: dict[int, dict[int, list[float]]] = {k: defaultdict(list) for k in ks}
+
+    def add_image(
+        self,
+        pairs: torch.Tensor,
+        predicate_scores: torch.Tensor,
+        relations: torch.Tensor,
+        label_correct: torch.Tensor | None = None,
+        object_scores: torch.Tensor | None = None,
+    ) -> None:
+        """One image. `pairs` [m, 2] and `relations` [r, 3] (subject, object, predicate) use
+        the same segment indices. SGCls passes `label_correct` [n] (predicted label == ground
+        truth) and `object_scores` [n] (score of the predicted label); PredCls passes neither.
+        Images without ground-truth relations do not count.
+        """
+        if relations.shape[0] == 0:
+            return
+        sgcls = object_scores is not None
+        order, best = rank_triplets(
+            predicate_scores,
+            object_scores[pairs[:, 0]] if sgcls else None,
+            object_scores[pairs[:, 1]] if sgcls else None,
+        )
+        pairs, best = pairs.tolist(), best.tolist()
+        rank = {}  # (subject, object, predicate) -> its candidate's position in the ranking
+        for position, index in enumerate(order[: max(self.ks)].tolist()):
+            subject, obj = pairs[index]
+            if label_correct is None or (label_correct[subject] and label_correct[obj]):
+                rank[(subject, obj, best[index])] = position
+        gt = relations.tolist()
+        counts = defaultdict(int)
+        for *_, predicate in gt:
+            counts[predicate] += 1
+        for k in self.ks:
+            hits = [rank.get(tuple(triplet), k) < k for triplet in gt]
+            self.recalls[k].append(sum(hits) / len(gt))
+            predicate_hits = defaultdict(int)
+            for hit, (*_, predicate) in zip(hits, gt, strict=True):
+                predicate_hits[predicate] += hit
+            for predicate, count in counts.items():
+                self.per_predicate[k][predicate].append(predicate_hits[predicate] / count)
+
+    def add_batch(self, batch: SceneBatch, output: RelationOutput, mode: str = "predcls") -> None:
+        """Every image of a model's output on `batch`."""
+        scores = output.predicate_logits.detach().softmax(dim=1)
+        label_correct = object_scores = None
+        if check_mode(mode) == "sgcls":
+            object_probs = output.object_logits.detach().softmax(dim=1)
+            object_scores, predicted = object_probs.max(dim=1)
+            label_correct = predicted == batch.labels
+        relation_image = batch.segment_image[batch.relations[:, 0]]
+        for image in range(batch.num_images):
+            pair_mask = batch.pair_image == image
+            self.add_image(
+                batch.pairs[pair_mask],
+                scores[pair_mask],
+                batch.relations[relation_image == image],
+                label_correct,
+                object_scores,
+            )
+
+    @property
+    def num_images(self) -> int:
+        """Images with ground-truth relations seen so far."""
+        return len(self.recalls[self.ks[0]])
+
+    def compute(self) -> dict[str, float]:
+        """{"R@K": ..., "mR@K": ...} in [0, 1]; 0.0 when no image had relations."""
+        metrics = {}
+        for k in self.ks:
+            recalls = self.recalls[k]
+            means = [sum(v) / len(v) for v in self.per_predicate[k].values()]
+            metrics[f"R@{k}"] = sum(recalls) / len(recalls) if recalls else 0.0
+            metrics[f"mR@{k}"] = sum(means) / len(means) if means else 0.0
+        return metrics

@@ -1,0 +1,113 @@
+"""Every registered relation model: shapes, both modes, ragged scenes, gradients, no label leak."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedpsg.models import MODELS, ModelSpec, build_model
+from fedpsg.psg_data import GEOMETRY_DIM, PAIR_GEOMETRY_DIM, Scene, collate, segment_geometry
+from fedpsg.psg_train import RelationLoss, frequency_prior
+
+NUM_CLASSES, NUM_PREDICATES, VISUAL_DIM = 9, 5, 6
+
+
+def random_scene(rng: np.random.Generator, n: int, r: int, visual: bool) -> Scene:
+    corner = rng.uniform(0, 50, size=(n, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(1, 50, size=(n, 2))], axis=1)
+    geometry = segment_geometry(boxes, rng.uniform(1, 500, n), rng.random(n) < 0.5, 100, 100)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    chosen = rng.permutation(len(pairs))[:r]
+    relations = torch.tensor(
+        [[*pairs[k], rng.integers(NUM_PREDICATES)] for k in chosen], dtype=torch.long
+    ).reshape(-1, 3)
+    labels = torch.from_numpy(rng.integers(NUM_CLASSES, size=n))
+    features = torch.from_numpy(rng.normal(size=(n, VISUAL_DIM))).float() if visual else None
+    return Scene(f"img{n}", labels, geometry, features, relations)
+
+
+def scenes(visual: bool) -> list:
+    rng = np.random.default_rng(0)
+    # 1 segment (no pairs), 2 segments, many segments, and an image with no relations.
+    return [random_scene(rng, n, r, visual) for n, r in [(1, 0), (2, 1), (9, 6), (4, 0)]]
+
+
+def spec(visual: bool) -> ModelSpec:
+    return ModelSpec(
+        NUM_CLASSES, NUM_PREDICATES, GEOMETRY_DIM, PAIR_GEOMETRY_DIM, VISUAL_DIM if visual else 0
+    )
+
+
+@pytest.mark.parametrize("visual", [False, True], ids=["geometry", "visual"])
+@pytest.mark.parametrize("mode", ["predcls", "sgcls"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_shapes_and_gradients(name, mode, visual):
+    torch.manual_seed(0)
+    data = scenes(visual)
+    prior = frequency_prior(data, NUM_CLASSES, NUM_PREDICATES)
+    model = build_model(name, spec(visual), prior, hidden_dim=16)
+    batch = collate(data)
+    assert batch.pairs.shape == (0 + 2 + 72 + 12, 2)
+    out = model(batch, mode)
+    assert out.predicate_logits.shape == (len(batch.pairs), NUM_PREDICATES + 1)
+    assert out.object_logits.shape == (len(batch.labels), NUM_CLASSES)
+    assert torch.isfinite(out.predicate_logits).all() and torch.isfinite(out.object_logits).all()
+    if mode == "predcls":
+        assert torch.equal(out.object_logits.argmax(1), batch.labels)
+    loss = RelationLoss(mode)(model, batch)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_sgcls_does_not_read_ground_truth_labels(name):
+    torch.manual_seed(0)
+    model = build_model(name, spec(False), hidden_dim=16).eval()
+    batch = collate(scenes(False))
+    out = model(batch, "sgcls")
+    batch.labels = (batch.labels + 1) % NUM_CLASSES
+    again = model(batch, "sgcls")
+    assert torch.equal(out.predicate_logits, again.predicate_logits)
+    assert torch.equal(out.object_logits, again.object_logits)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prior_sets_weights_not_shapes(name):
+    """Clients with different statistics build models with identical parameter shapes."""
+    data = scenes(False)
+    with_prior = build_model(name, spec(False), frequency_prior(data, NUM_CLASSES, NUM_PREDICATES))
+    without = build_model(name, spec(False))
+    shapes = {k: v.shape for k, v in without.state_dict().items()}
+    assert {k: v.shape for k, v in with_prior.state_dict().items()} == shapes
+
+
+def test_frequency_model_scores_the_prior():
+    data = scenes(False)
+    prior = frequency_prior(data, NUM_CLASSES, NUM_PREDICATES)
+    batch = collate(data)
+    out = build_model("frequency", spec(False), prior)(batch, "predcls")
+    s, o = batch.labels[batch.pairs[:, 0]], batch.labels[batch.pairs[:, 1]]
+    assert torch.allclose(out.predicate_logits, prior[s, o])
+
+
+def test_frequency_prior_counts_by_hand():
+    # Segments labelled [0, 1, 1]; relations 0->1 p2 and 0->2 p2: pair (0,1) class-wise twice p2;
+    # background: pairs (1,0), (1,2), (2,0), (2,1) -> classes (1,0) x2, (1,1) x2.
+    scene = Scene("x", torch.tensor([0, 1, 1]), torch.zeros(3, GEOMETRY_DIM), None,
+                  torch.tensor([[0, 1, 2], [0, 2, 2]]))  # fmt: skip
+    prior = frequency_prior([scene], 2, 3, strength=1e-9).exp()
+    assert prior[0, 1, 3] == pytest.approx(1.0)
+    assert prior[1, 0, 0] == pytest.approx(1.0) and prior[1, 1, 0] == pytest.approx(1.0)
+    # Unseen pair (0,0): the pooled distribution, Laplace-smoothed: (bg 4+1, p2 2+1, others 1)/10.
+    assert prior[0, 0].tolist() == pytest.approx([0.5, 0.1, 0.1, 0.3])
+
+
+def test_unknown_model_and_mode_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown relation model 'nope'"):
+        build_model("nope", spec(False))
+    model = build_model("motifs", spec(False))
+    with pytest.raises(ValueError, match="unknown mode 'sgdet'"):
+        model(collate(scenes(False)), "sgdet")
+    with pytest.raises(TypeError, match="unknown hyper-parameters"):
+        build_model("imp", spec(False), hiden_dim=3)
