@@ -19,6 +19,20 @@ ArrayDict = dict[str, np.ndarray]
 Closure = Callable[[], torch.Tensor]
 
 
+def config_value(
+    config: Mapping[str, bool | int | float | str], key: str, kind: type, algorithm: str
+) -> Any:
+    """`config[key]` as `kind`, or a clear error naming the algorithm and the missing field."""
+    if key not in config:
+        raise KeyError(f"{algorithm}: train config has no {key!r} (sent keys: {sorted(config)})")
+    value = config[key]
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind):
+        raise TypeError(f"{algorithm}: train config {key!r} = {value!r}, expected {kind.__name__}")
+    return value
+
+
 class ClientHalf:
     """Plain local SGD (FedAvg's client half), and the hooks other algorithms override.
 
@@ -39,6 +53,17 @@ class ClientHalf:
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.num_steps = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, bool | int | float | str],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> ClientHalf:
+        """Build this client half from the train ConfigRecord its server half wrote."""
+        return cls(lr, momentum=momentum, weight_decay=weight_decay)
 
     def begin(
         self,

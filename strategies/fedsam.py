@@ -1,0 +1,160 @@
+"""FedSAM (Qu et al., 2022; Caldarola et al., 2022): SAM or ASAM as each client's local optimizer.
+
+Records: as FedAvg, and the train config carries "rho" (float, the SAM radius) and "adaptive"
+(bool, ASAM of Kwon et al., 2021). The server aggregates like FedAvg.
+
+The step is pytorch-optimizer's `SAM` (first_step / second_step around the base SGD), driven so
+that the known traps are handled:
+
+- the second pass reuses the batch through the closure (same inputs, same diffusion noise and
+  timesteps, drawn in the batch) and, by restoring the RNG state, the same dropout masks;
+- normalisation layers keep the running statistics of the first pass only: their buffers are
+  restored after the second pass, which covers running means/variances *and*
+  `num_batches_tracked` of BatchNorm and InstanceNorm (pytorch-optimizer's
+  `disable_running_stats` only zeroes BatchNorm's momentum, so `num_batches_tracked` would
+  count every step twice and rho = 0 would not reproduce FedAvg);
+- precision: parameters must be fp32 (or fp64) master weights, so the perturbation, its norm
+  and the restore are exact fp32 arithmetic; run bf16 compute with `torch.autocast` inside the
+  loss. fp16 autocast needs a GradScaler, which `train_local` does not use: use bf16.
+
+With rho = 0 the perturbation is exactly zero and the update equals FedAvg's bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from pytorch_optimizer import SAM
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .base import ArrayDict, ClientHalf, Closure, config_value
+from .server import ServerHalf
+
+
+class FedSAM(ServerHalf):
+    """FedSAM's server half: FedAvg that sends the SAM radius and flavour to the clients.
+
+    Parameters
+    ----------
+    rho : float
+        SAM neighbourhood radius (0 gives FedAvg).
+    adaptive : bool
+        Use ASAM (perturbation scaled by |w|) instead of SAM.
+    **kwargs
+        As `strategies.server.ServerHalf`.
+    """
+
+    algorithm = "fedsam"
+
+    def __init__(self, *, rho: float = 0.05, adaptive: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if rho < 0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        self.rho = rho
+        self.adaptive = adaptive
+
+    def train_config(self) -> dict[str, bool | int | float | str]:
+        """Algorithm name, "rho" and "adaptive"."""
+        return {**super().train_config(), "rho": float(self.rho), "adaptive": bool(self.adaptive)}
+
+
+@contextmanager
+def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
+    """Inside the block, normalisation layers (BatchNorm, InstanceNorm) normalise as in training
+    but their running statistics and counters come out unchanged."""
+    saved = [
+        (buffer, buffer.clone())
+        for module in model.modules()
+        if isinstance(module, _NormBase)
+        for buffer in module.buffers(recurse=False)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _rng_states(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if on_cuda else None)
+
+
+def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class FedSAMClient(ClientHalf):
+    """SAM/ASAM local steps: ascend to w + e(w) on the batch, take the SGD step from w with
+    the gradient found there."""
+
+    name = "fedsam"
+
+    def __init__(
+        self,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        rho: float = 0.05,
+        adaptive: bool = False,
+    ) -> None:
+        super().__init__(lr, momentum, weight_decay)
+        self.rho = rho
+        self.adaptive = adaptive
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, bool | int | float | str],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> FedSAMClient:
+        """Read "rho" and "adaptive" from the train config."""
+        return cls(
+            lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            rho=config_value(config, "rho", float, cls.name),
+            adaptive=config_value(config, "adaptive", bool, cls.name),
+        )
+
+    def begin(
+        self, model: nn.Module, incoming: Mapping[str, ArrayDict], state: dict[str, ArrayDict]
+    ) -> torch.optim.Optimizer:
+        """pytorch-optimizer's SAM around SGD with this half's hyperparameters."""
+        self.num_steps = 0
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"fedsam: parameter {name!r} is {p.dtype}; SAM needs fp32 master weights "
+                    "(use torch.autocast(dtype=torch.bfloat16) inside the loss for bf16)"
+                )
+        return SAM(
+            [p for p in model.parameters() if p.requires_grad],
+            torch.optim.SGD,
+            rho=self.rho,
+            adaptive=self.adaptive,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, closure: Closure):
+        """Two passes over the same batch; returns the loss at the unperturbed weights."""
+        rng = _rng_states(model)
+        loss = closure()
+        optimizer.first_step(zero_grad=True)
+        _set_rng_states(rng)
+        with frozen_norm_statistics(model):
+            closure()
+        optimizer.second_step(zero_grad=False)
+        self.num_steps += 1
+        return loss

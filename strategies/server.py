@@ -1,0 +1,491 @@
+"""What every fedpsg server half shares, on top of Flower's FedAvg.
+
+- **Robust aggregation.** A training reply that is an error, lacks the records the algorithm
+  expects, or carries NaN/Inf is left out and logged; the round aggregates if at least
+  `min_train_nodes` valid replies remain, else it keeps the previous global model.
+- **Server-side EMA or SWA** of the global model. Training always continues from the plain
+  aggregate x; the averaged model is what client-side and server-side evaluation see and what
+  `Result.arrays` holds (as in the EMA/SWA literature, where the average is never trained).
+- **Checkpoint and resume.** After each round the global arrays, round number, algorithm state
+  (e.g. SCAFFOLD's c), EMA/SWA buffers, the metric history and the server's RNG states are written
+  atomically to `<checkpoint_dir>/checkpoint.npz`; `resume=True` continues after the saved round.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+
+from .base import ArrayDict
+
+CHECKPOINT_NAME = "checkpoint.npz"
+CHECKPOINT_VERSION = 1
+
+
+def to_numpy(record: ArrayRecord) -> ArrayDict:
+    """An ArrayRecord as a dict of NumPy arrays (same keys, dtypes and shapes)."""
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """A dict of NumPy arrays as an ArrayRecord."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def weighted_mean(arrays: list[ArrayDict], weights: list[float]) -> ArrayDict:
+    """Weighted mean of same-keyed array dicts, accumulated in float64, cast back to each dtype."""
+    total = float(sum(weights))
+    out: ArrayDict = {}
+    for key, first in arrays[0].items():
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for item, weight in zip(arrays, weights, strict=True):
+            acc += item[key] * (weight / total)
+        out[key] = (
+            acc.astype(first.dtype) if first.dtype.kind == "f" else np.rint(acc).astype(first.dtype)
+        )
+    return out
+
+
+class ModelAverage:
+    """Exponential (EMA) or stochastic-weight (SWA) average of the global model, per round.
+
+    EMA starts at the initial model and after each aggregate does ema = d * ema + (1 - d) * x.
+    SWA is the running mean of the aggregates of rounds >= `swa_start`; before that the plain
+    model is served. Integer buffers (BatchNorm's `num_batches_tracked`) follow x. BatchNorm
+    running statistics are averaged like weights (no recalibration pass).
+    """
+
+    def __init__(self, ema_decay: float | None = None, swa_start: int | None = None) -> None:
+        if ema_decay is not None and swa_start is not None:
+            raise ValueError("ema_decay and swa_start are alternatives: set at most one")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        if swa_start is not None and swa_start < 1:
+            raise ValueError(f"swa_start must be a round number >= 1, got {swa_start}")
+        self.ema_decay = ema_decay
+        self.swa_start = swa_start
+        self.average: ArrayDict | None = None
+        self.count = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any average is kept."""
+        return self.ema_decay is not None or self.swa_start is not None
+
+    def begin(self, initial: ArrayDict) -> None:
+        """Start from the initial global model (EMA's starting point)."""
+        ema = self.ema_decay is not None
+        self.average = {k: v.copy() for k, v in initial.items()} if ema else None
+        self.count = 0
+
+    def update(self, server_round: int, arrays: ArrayDict) -> None:
+        """Fold the aggregate of `server_round` into the average."""
+        if self.ema_decay is not None:
+            d = self.ema_decay
+            if self.average is None:
+                raise RuntimeError("ModelAverage.begin() must run before update()")
+            self.average = self._blend(self.average, arrays, d, 1.0 - d)
+            self.count += 1
+        elif self.swa_start is not None and server_round >= self.swa_start:
+            n = self.count
+            previous = arrays if self.average is None else self.average
+            self.average = self._blend(previous, arrays, n / (n + 1), 1 / (n + 1))
+            self.count += 1
+
+    def serve(self, arrays: ArrayDict) -> ArrayDict:
+        """The model to evaluate and return: the average where one exists, else `arrays`."""
+        if self.average is None:
+            return arrays
+        return {k: (self.average[k] if v.dtype.kind == "f" else v) for k, v in arrays.items()}
+
+    @staticmethod
+    def _blend(old: ArrayDict, new: ArrayDict, a: float, b: float) -> ArrayDict:
+        return {
+            k: (a * old[k] + b * v).astype(v.dtype) if v.dtype.kind == "f" else v.copy()
+            for k, v in new.items()
+        }
+
+
+def save_checkpoint(path: Path, groups: Mapping[str, ArrayDict], meta: dict[str, Any]) -> None:
+    """Write array groups and JSON metadata to `path` atomically (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, np.ndarray] = {}
+    names: dict[str, list[str]] = {}
+    for group, arrays in groups.items():
+        names[group] = list(arrays)
+        for i, value in enumerate(arrays.values()):
+            payload[f"{group}:{i}"] = np.asarray(value)
+    header = {"version": CHECKPOINT_VERSION, "names": names, **meta}
+    payload["meta"] = np.array(json.dumps(header))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, ArrayDict], dict[str, Any]]:
+    """Read what `save_checkpoint` wrote: (array groups, metadata)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            groups = {
+                group: {name: data[f"{group}:{i}"] for i, name in enumerate(names)}
+                for group, names in meta.pop("names").items()
+            }
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable fedpsg strategy checkpoint ({err})") from err
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {meta.get('version')!r}, expected 1")
+    return groups, meta
+
+
+def _metrics_to_json(history: dict[int, MetricRecord]) -> dict[str, dict[str, Any]]:
+    return {str(r): dict(record) for r, record in history.items()}
+
+
+def _metrics_from_json(history: dict[str, dict[str, Any]]) -> dict[int, MetricRecord]:
+    return {int(r): MetricRecord(values) for r, values in history.items()}
+
+
+def _rng_state() -> tuple[ArrayDict, dict[str, Any]]:
+    """Server-side RNG states: Python's (node sampling), NumPy's and torch's global generators."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    arrays = {
+        "python": np.asarray(internal, dtype=np.uint64),
+        "numpy": keys,
+        "torch": torch.get_rng_state().numpy(),
+    }
+    meta = {"python": [version, gauss], "numpy": [int(pos), int(has_gauss), float(cached)]}
+    return arrays, meta
+
+
+def _set_rng_state(arrays: ArrayDict, meta: dict[str, Any]) -> None:
+    version, gauss = meta["python"]
+    random.setstate((version, tuple(int(x) for x in arrays["python"]), gauss))
+    pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state(("MT19937", arrays["numpy"], pos, has_gauss, cached))
+    torch.set_rng_state(torch.from_numpy(arrays["torch"].copy()))
+
+
+class ServerHalf(FedAvg):
+    """Flower's FedAvg with robust aggregation, EMA/SWA and checkpoint/resume.
+
+    The base of every fedpsg server half. Subclasses set `algorithm` (written into each train
+    ConfigRecord under "algorithm", so `strategies.client_half` builds the matching client half),
+    add their hyperparameters through `train_config`, and name in `reply_records` the extra
+    ArrayRecords a reply must carry.
+
+    Parameters
+    ----------
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
+    weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn,
+    evaluate_metrics_aggr_fn
+        As in Flower's FedAvg.
+    ema_decay : float | None
+        Keep an EMA of the global model with this decay (alternative to `swa_start`).
+    swa_start : int | None
+        Keep an SWA running mean of the global models from this round on.
+    checkpoint_dir : str | None
+        Folder for `checkpoint.npz`, rewritten atomically after every round.
+    resume : bool
+        Continue from the checkpoint in `checkpoint_dir` if one exists.
+    """
+
+    algorithm = "fedavg"
+    reply_records: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        ema_decay: float | None = None,
+        swa_start: int | None = None,
+        checkpoint_dir: str | None = None,
+        resume: bool = False,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir")
+        self.model_average = ModelAverage(ema_decay, swa_start)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.resume = resume
+        self.global_arrays: ArrayDict = {}
+
+    # --- what subclasses extend -------------------------------------------------------------
+
+    def train_config(self) -> dict[str, bool | int | float | str]:
+        """Entries this algorithm writes into every train ConfigRecord."""
+        return {"algorithm": self.algorithm}
+
+    def state_arrays(self) -> dict[str, ArrayDict]:
+        """Algorithm state to checkpoint (e.g. SCAFFOLD's c), as named array groups."""
+        return {}
+
+    def load_state_arrays(self, groups: Mapping[str, ArrayDict]) -> None:
+        """Restore what `state_arrays` returned."""
+
+    # --- Strategy API -----------------------------------------------------------------------
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> %s: %s", type(self).__name__, self.train_config())
+        log(
+            INFO,
+            "\t├──> Server average: ema_decay=%s, swa_start=%s",
+            self.model_average.ema_decay,
+            self.model_average.swa_start,
+        )
+        log(INFO, "\t├──> Checkpoint: %s (resume=%s)", self.checkpoint_dir, self.resume)
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the next round of training; the config names the algorithm."""
+        self.global_arrays = to_numpy(arrays)
+        for key, value in self.train_config().items():
+            config[key] = value
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _check_and_log_replies(
+        self, replies: Iterable[Message], is_train: bool, validate: bool = True
+    ) -> tuple[list[Message], list[Message]]:
+        """Split train replies into usable ones and left-out ones, logging each left out.
+
+        Evaluate replies keep Flower's checks.
+        """
+        if not is_train:
+            return super()._check_and_log_replies(replies, is_train, validate)
+        valid: list[Message] = []
+        rejected: list[Message] = []
+        for msg in replies:
+            problem = self._reply_problem(msg)
+            if problem is None:
+                valid.append(msg)
+            else:
+                rejected.append(msg)
+                log(
+                    WARNING,
+                    "aggregate_train: left out reply from node %d: %s",
+                    msg.metadata.src_node_id,
+                    problem,
+                )
+        log(INFO, "aggregate_train: %d usable replies, %d left out", len(valid), len(rejected))
+        if len(valid) < max(self.min_train_nodes, 1):
+            log(
+                WARNING,
+                "aggregate_train: %d usable replies < min_train_nodes=%d; "
+                "keeping the previous global model",
+                len(valid),
+                self.min_train_nodes,
+            )
+            return [], rejected + valid
+        return valid, rejected
+
+    def _reply_problem(self, msg: Message) -> str | None:
+        """Why a train reply cannot be aggregated, or None if it can."""
+        if msg.has_error():
+            return f"error reply ({msg.error.reason})"
+        content = msg.content
+        expected = {self.arrayrecord_key, *self.reply_records}
+        if set(content.array_records) != expected:
+            return f"ArrayRecords {sorted(content.array_records)}, expected {sorted(expected)}"
+        if len(content.metric_records) != 1:
+            return f"{len(content.metric_records)} MetricRecords, expected exactly one"
+        weight = next(iter(content.metric_records.values())).get(self.weighted_by_key)
+        if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
+            return f"MetricRecord['{self.weighted_by_key}'] = {weight!r}, expected a number > 0"
+        model = content[self.arrayrecord_key]
+        if set(model) != set(self.global_arrays):
+            return f"'{self.arrayrecord_key}' keys differ from the global model's"
+        for key, array in model.items():
+            if tuple(array.shape) != self.global_arrays[key].shape:
+                return f"'{self.arrayrecord_key}'['{key}'] has shape {tuple(array.shape)}"
+        for name in expected:
+            for key, array in content[name].items():
+                if not np.isfinite(array.numpy()).all():
+                    return f"NaN/Inf in '{name}'['{key}']"
+        return None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's weighted FedAvg over the usable replies, keeping each array's dtype."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = to_record(
+                {k: v.astype(self.global_arrays[k].dtype) for k, v in to_numpy(arrays).items()}
+            )
+        return arrays, metrics
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's `Strategy.start` loop, plus EMA/SWA serving, checkpoints and resume.
+
+        Training continues from the aggregate x; evaluation (client- and server-side) and
+        `Result.arrays` use the served model (the EMA/SWA average when one is kept).
+        """
+        log(INFO, "Starting %s strategy:", type(self).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        log(INFO, "")
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+
+        path = None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_NAME
+        if self.resume and path is not None and path.exists():
+            arrays, done, result = self._restore(path, to_numpy(initial_arrays))
+            log(INFO, "Resuming from %s after round %d", path, done)
+        else:
+            arrays, done, result = to_numpy(initial_arrays), 0, Result()
+            self.model_average.begin(arrays)
+            if evaluate_fn:
+                res = evaluate_fn(0, initial_arrays)
+                log(INFO, "Initial global evaluation results: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[0] = res
+        result.arrays = to_record(self.model_average.serve(arrays))
+
+        t_start = time.time()
+        for current_round in range(done + 1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(current_round, to_record(arrays), train_config, grid),
+                timeout=timeout,
+            )
+            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, replies)
+            if agg_arrays is not None:
+                arrays = to_numpy(agg_arrays)
+                self.model_average.update(current_round, arrays)
+            served = to_record(self.model_average.serve(arrays))
+            result.arrays = served
+            if agg_train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
+                result.train_metrics_clientapp[current_round] = agg_train_metrics
+
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, served, evaluate_config, grid),
+                timeout=timeout,
+            )
+            agg_evaluate_metrics = self.aggregate_evaluate(current_round, replies)
+            if agg_evaluate_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
+                result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
+
+            if evaluate_fn:
+                log(INFO, "Global evaluation")
+                res = evaluate_fn(current_round, served)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+            if path is not None:
+                self._save(path, current_round, arrays, result)
+
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        log(INFO, "")
+        log(INFO, "Final results:")
+        log(INFO, "")
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        log(INFO, "")
+        return result
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _save(self, path: Path, server_round: int, arrays: ArrayDict, result: Result) -> None:
+        rng_arrays, rng_meta = _rng_state()
+        groups = {"global": arrays, "rng": rng_arrays}
+        if self.model_average.average is not None:
+            groups["average"] = self.model_average.average
+        for name, group in self.state_arrays().items():
+            groups[f"state-{name}"] = group
+        meta = {
+            "algorithm": self.algorithm,
+            "round": server_round,
+            "average": [self.model_average.ema_decay, self.model_average.swa_start],
+            "average-count": self.model_average.count,
+            "rng": rng_meta,
+            "train_metrics_clientapp": _metrics_to_json(result.train_metrics_clientapp),
+            "evaluate_metrics_clientapp": _metrics_to_json(result.evaluate_metrics_clientapp),
+            "evaluate_metrics_serverapp": _metrics_to_json(result.evaluate_metrics_serverapp),
+        }
+        save_checkpoint(path, groups, meta)
+
+    def _restore(self, path: Path, initial: ArrayDict) -> tuple[ArrayDict, int, Result]:
+        groups, meta = load_checkpoint(path)
+        if meta["algorithm"] != self.algorithm:
+            raise ValueError(
+                f"{path}: checkpoint of algorithm {meta['algorithm']!r}, this run is "
+                f"{self.algorithm!r}"
+            )
+        arrays = groups["global"]
+        for key, value in initial.items():
+            if key not in arrays or arrays[key].shape != value.shape:
+                raise ValueError(
+                    f"{path}: array '{key}' missing or shaped differently from the initial model"
+                )
+        average = [self.model_average.ema_decay, self.model_average.swa_start]
+        if meta["average"] != average:
+            raise ValueError(
+                f"{path}: checkpoint has (ema_decay, swa_start) = {meta['average']}, "
+                f"this run {average}"
+            )
+        self.model_average.average = groups.get("average")
+        self.model_average.count = meta["average-count"]
+        self.load_state_arrays(
+            {k.removeprefix("state-"): v for k, v in groups.items() if k.startswith("state-")}
+        )
+        _set_rng_state(groups["rng"], meta["rng"])
+        result = Result(
+            train_metrics_clientapp=_metrics_from_json(meta["train_metrics_clientapp"]),
+            evaluate_metrics_clientapp=_metrics_from_json(meta["evaluate_metrics_clientapp"]),
+            evaluate_metrics_serverapp=_metrics_from_json(meta["evaluate_metrics_serverapp"]),
+        )
+        return arrays, int(meta["round"]), result
