@@ -130,8 +130,8 @@ def _parse(path: Path, raw: bytes) -> Any:
             path,
             None,
             "<json>",
-            f"expected valid JSON, got {err.msg} at line {err.lineno} column {err.colno} "
-            f"(char {err.pos})",
+            f"expected valid JSON, got '{err.msg}' at line {err.lineno} column {err.colno}"
+            f" (char {err.pos})",
         ) from err
     except UnicodeDecodeError as err:
         raise PSGFormatError(
