@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from benchmark_builder.synthetic import generate_synthetic_psg
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -26,4 +24,6 @@ def real_psg_path() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_psg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic PSG dataset (24 images, 64x64, seed 0); its images root is the parent."""
+    from benchmark_builder.synthetic import generate_synthetic_psg  # only sessions that use it
+
     return generate_synthetic_psg(tmp_path_factory.mktemp("synthetic") / "psg", 24, seed=0)
