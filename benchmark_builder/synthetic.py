@@ -4,7 +4,7 @@ Each image is a scene of one *theme* (street, kitchen, park, beach, living room)
 bands (sky over grass, wall over floor, ...) and a few thing objects drawn as shapes with a
 class-specific colour and texture. The theme decides which classes appear, so images of one theme
 share triplets and semantic clusters are real. Relations are a deterministic function of the
-annotated boxes (see :func:`spatial_predicate`), so a model that sees the geometry can learn them.
+annotated boxes (see :func:`scene_relations`), so a model that sees the geometry can learn them.
 
 Every image draws from its own generator ``default_rng([seed, index])``: image ``i`` is the same in
 a dataset of 10 images and in one of 10,000, and the same seed gives byte-identical files.
@@ -12,6 +12,7 @@ a dataset of 10 images and in one of 10,000, and the same seed gives byte-identi
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -168,24 +169,36 @@ def generate_synthetic_psg(
     return out_dir / "psg.json"
 
 
-def spatial_predicate(
-    subject: Box, obj: Box, subject_class: str, object_class: str, subject_rests_on_thing: bool,
-    width: int,
-) -> str | None:  # fmt: skip
-    """The predicate relating ``subject`` to ``obj`` (boxes as annotated), or None.
+def scene_relations(classes: list[str], boxes: list[Box], width: int) -> list[list[int]]:
+    """The ``[subject, object, predicate]`` relations of a scene, from its classes and boxes alone.
 
-    Thing-thing: "on" (bottom in the other's top band, centred over it, smaller), "in front of" /
-    "behind" (overlapping boxes, the lower bottom edge is nearer), else "above" / "below" (stacked
-    columns) or "left of" / "right of" (same rows, near). Thing-stuff: "on" a surface band holding
-    its bottom (unless it rests on a thing), "in" the sky when wholly inside it, "in front of" a
-    wall or building it overlaps. Stuff-stuff: "above" / "below" for touching bands.
+    Each ordered pair gets at most one predicate, by these rules. Thing-thing: "on" (its bottom in
+    the other's top band, centred over it, smaller), else "in front of" / "behind" (overlapping
+    boxes, the lower bottom edge is nearer), else "above" / "below" (stacked columns) or
+    "left of" / "right of" (same rows, near). Thing-stuff: "on" a surface band holding its bottom
+    (unless it rests on a thing), "in" the sky when wholly inside it, "in front of" a wall or
+    building it overlaps. Stuff-stuff: "above" / "below" for touching bands.
     """
+    things = [k for k, name in enumerate(classes) if name in _THING]
+    rests = {i: any(j != i and _rests_on(boxes[i], boxes[j]) for j in things) for i in things}
+    relations = []
+    for i, j in itertools.permutations(range(len(classes)), 2):
+        predicate = _predicate(boxes[i], boxes[j], classes[i], classes[j], rests.get(i), width)
+        if predicate:
+            relations.append([i, j, _PREDICATE[predicate]])
+    return relations
+
+
+def _predicate(
+    subject: Box, obj: Box, subject_class: str, object_class: str, rests: bool | None, width: int
+) -> str | None:
+    """The rules of :func:`scene_relations` for one ordered pair."""
     if subject_class in _STUFF:
         if object_class in _STUFF:
             return "above" if subject[3] == obj[1] else "below" if subject[1] == obj[3] else None
         return None
     if object_class in _STUFF:
-        return _thing_on_stuff(subject, obj, object_class, subject_rests_on_thing)
+        return _thing_on_stuff(subject, obj, object_class, bool(rests))
     if _rests_on(subject, obj):
         return "on"
     if _rests_on(obj, subject):
@@ -366,19 +379,8 @@ def _annotate(
             {"bbox": [float(c) for c in box], "bbox_mode": 0, "category_id": category}
         )
         kept.append((name, box))
-    rests = [
-        name in _THING
-        and any(
-            j != i and other in _THING and _rests_on(box, b) for j, (other, b) in enumerate(kept)
-        )
-        for i, (name, box) in enumerate(kept)
-    ]
-    relations = []
-    for i, (subject, s_box) in enumerate(kept):
-        for j, (obj, o_box) in enumerate(kept):
-            predicate = i != j and spatial_predicate(s_box, o_box, subject, obj, rests[i], size)
-            if predicate:
-                relations.append([i, j, _PREDICATE[predicate]])
+    classes = [name for name, _ in kept]
+    relations = scene_relations(classes, [box for _, box in kept], size)
     pan = ids[labels]
     panoptic = np.stack([pan & 255, (pan >> 8) & 255, pan >> 16], axis=-1).astype(np.uint8)
     stem = f"{int(image_id):06d}"
