@@ -26,6 +26,7 @@ PAIR_GEOMETRY_FEATURES = (
     "centre_dx", "centre_dy", "scaled_dx", "scaled_dy", "log_width_ratio", "log_height_ratio",
     "iou", "subject_in_object", "object_in_subject", "distance",
     "gap_right", "gap_left", "gap_below", "gap_above",
+    "left_dx", "top_dy", "right_dx", "bottom_dy",
 )  # fmt: skip
 GEOMETRY_DIM = len(GEOMETRY_FEATURES)
 PAIR_GEOMETRY_DIM = len(PAIR_GEOMETRY_FEATURES)
@@ -243,6 +244,7 @@ def pair_geometry(subject: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
         inter / (s_area + o_area - inter + _EPS ** 2), inter / (s_area + _EPS ** 2),
         inter / (o_area + _EPS ** 2), torch.sqrt(dx**2 + dy**2),
         ox1 - sx2, sx1 - ox2, oy1 - sy2, sy1 - oy2,
+        ox1 - sx1, oy1 - sy1, ox2 - sx2, oy2 - sy2,
     ]  # fmt: skip
     return torch.stack(columns, dim=1)
 

@@ -74,6 +74,7 @@ class Motifs(RelationModel):
             hidden_dim + embed_dim, hidden_dim // 2, batch_first=True, bidirectional=True
         )
         self.head_tail = nn.Linear(hidden_dim, 2 * hidden_dim)
+        self.post_cat = nn.Linear(2 * hidden_dim, hidden_dim)
         self.pair_in = nn.Sequential(
             nn.Linear(spec.pair_geometry_dim, hidden_dim),
             nn.ReLU(),
@@ -99,7 +100,10 @@ class Motifs(RelationModel):
             batch,
         )
         head, tail = self.head_tail(edge).chunk(2, dim=1)
-        pair = head[batch.pairs[:, 0]] * tail[batch.pairs[:, 1]] * self.pair_in(batch.pair_geometry)
+        pair = torch.relu(
+            self.post_cat(torch.cat([head[batch.pairs[:, 0]], tail[batch.pairs[:, 1]]], dim=1))
+            + self.pair_in(batch.pair_geometry)
+        )
         subject_labels, object_labels = pair_labels(batch, objects, mode)
         logits = self.predicate(pair) + self.bias(subject_labels, object_labels)
         return RelationOutput(logits, objects)
