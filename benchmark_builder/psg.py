@@ -7,6 +7,7 @@ and what was expected, so a CLI can print ``str(err)`` and exit non-zero.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import json
@@ -123,6 +124,8 @@ def _parse(path: Path, raw: bytes) -> Any:
             raise PSGFormatError(
                 path, None, "<gzip>", f"expected a complete gzip stream, got {err}"
             ) from err
+    collecting = gc.isenabled()
+    gc.disable()  # millions of new containers, no cycles: halves the parse time on real files
     try:
         return json.loads(raw)
     except json.JSONDecodeError as err:
@@ -137,6 +140,9 @@ def _parse(path: Path, raw: bytes) -> Any:
         raise PSGFormatError(
             path, None, "<json>", f"expected UTF-8 text, got a bad byte at {err.start}"
         ) from err
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _check_top_level(path: Path, doc: Any) -> None:
