@@ -328,21 +328,30 @@ def _paint(
         mask = np.ones((h, w), dtype=bool)
     period = max(2, image.shape[0] // 16)
     rows, cols = np.arange(y1, y2)[:, None] // period, np.arange(x1, x2)[None, :] // period
-    shade = {
-        "solid": lambda: np.zeros((h, w)),
-        "hstripes": lambda: np.broadcast_to(rows % 2, (h, w)),
-        "vstripes": lambda: np.broadcast_to(cols % 2, (h, w)),
-        "checker": lambda: (rows + cols) % 2,
-        "dots": lambda: (
-            (np.arange(y1, y2)[:, None] % period == 0) & (np.arange(x1, x2)[None, :] % period == 0)
-        ),
-        "noise": lambda: rng.random((h, w)) < 0.3,
-        "gradient": lambda: np.broadcast_to(v, (h, w)),
-    }[style.texture]()
+    shade = np.broadcast_to(_texture(style.texture, rows, cols, v, rng), (h, w))
     colour = np.array(style.colour) + rng.integers(-15, 16, 3)
     pixels = colour * (1.0 - 0.35 * shade)[..., None]
     image[y1:y2, x1:x2][mask] = pixels[mask]
     labels[y1:y2, x1:x2][mask] = label
+
+
+def _texture(
+    texture: str, rows: np.ndarray, cols: np.ndarray, v: np.ndarray, rng: np.random.Generator
+) -> np.ndarray | float:
+    """How much darker each pixel is (0..1); ``rows``/``cols`` count texture periods."""
+    if texture == "hstripes":
+        return rows % 2
+    if texture == "vstripes":
+        return cols % 2
+    if texture == "checker":
+        return (rows + cols) % 2
+    if texture == "dots":
+        return (rows % 2 == 0) & (cols % 2 == 0)
+    if texture == "noise":
+        return rng.random((rows.shape[0], cols.shape[1])) < 0.3
+    if texture == "gradient":
+        return v
+    return 0.0
 
 
 def _annotate(
