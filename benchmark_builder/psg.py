@@ -317,7 +317,7 @@ def _check_pixels(root: Path, record: dict) -> None:
     image_path = root / record["file_name"]
     with _open_image(image_path, image_id, "file_name") as image:
         _check_size(image_path, image_id, "file_name", image.size, size)
-        image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))  # fast JPEG decode
+        image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))  # fast JPEG decode
         _decode(image, image_path, image_id, "file_name")
     pan_path = root / record["pan_seg_file_name"]
     with _open_image(pan_path, image_id, "pan_seg_file_name") as pan:
