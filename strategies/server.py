@@ -44,7 +44,7 @@ def to_numpy(record: ArrayRecord) -> ArrayDict:
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """A dict of NumPy arrays as an ArrayRecord."""
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+    return ArrayRecord({key: Array(np.asarray(value, order="C")) for key, value in arrays.items()})
 
 
 def weighted_mean(arrays: list[ArrayDict], weights: list[float]) -> ArrayDict:
