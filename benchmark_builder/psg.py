@@ -36,9 +36,10 @@ ANNOTATION_KEYS = ("bbox", "category_id")
 
 
 class PSGFormatError(ValueError):
-    """One clear error: file, image id (or None), field, what was expected.
+    """One clear error: file, image id (or None), field, what was expected (and what was found).
 
-    ``str()`` is the one-line user message: ``<file>: image <id> field <field>: <expected>``.
+    ``str()`` is one line: ``<file>: image <id> field <field>: expected <expected>``,
+    e.g. ``psg.json: image 2345 field relations[3][1]: expected a segment index in [0, 5), got 7``.
     """
 
     def __init__(self, file: str | Path, image_id: str | None, field: str, expected: str) -> None:
@@ -47,7 +48,7 @@ class PSGFormatError(ValueError):
         self.field = field
         self.expected = expected
         where = "" if image_id is None else f"image {image_id} "
-        super().__init__(f"{file}: {where}field {field}: {expected}")
+        super().__init__(f"{file}: {where}field {field}: expected {expected}")
 
 
 @dataclass
@@ -82,7 +83,7 @@ def load_psg(
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise PSGFormatError(path, None, "<file>", f"expected a readable file, got {err}") from err
+        raise PSGFormatError(path, None, "<file>", f"a readable file, got {err}") from err
     doc = _parse(path, raw)
     _check_top_level(path, doc)
     num_things = len(doc["thing_classes"])
@@ -122,7 +123,7 @@ def _parse(path: Path, raw: bytes) -> Any:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
             raise PSGFormatError(
-                path, None, "<gzip>", f"expected a complete gzip stream, got {err}"
+                path, None, "<gzip>", f"a complete gzip stream, got {err}"
             ) from err
     collecting = gc.isenabled()
     gc.disable()  # millions of new containers, no cycles: halves the parse time on real files
@@ -133,12 +134,11 @@ def _parse(path: Path, raw: bytes) -> Any:
             path,
             None,
             "<json>",
-            f"expected valid JSON, got '{err.msg}' at line {err.lineno} column {err.colno}"
-            f" (char {err.pos})",
+            f"valid JSON, got '{err.msg}' at line {err.lineno} column {err.colno} (char {err.pos})",
         ) from err
     except UnicodeDecodeError as err:
         raise PSGFormatError(
-            path, None, "<json>", f"expected UTF-8 text, got a bad byte at {err.start}"
+            path, None, "<json>", f"UTF-8 text, got a bad byte at {err.start}"
         ) from err
     finally:
         if collecting:
@@ -147,21 +147,19 @@ def _parse(path: Path, raw: bytes) -> Any:
 
 def _check_top_level(path: Path, doc: Any) -> None:
     if not isinstance(doc, dict):
-        raise PSGFormatError(path, None, "<root>", f"expected a JSON object, got {_kind(doc)}")
+        raise PSGFormatError(path, None, "<root>", f"a JSON object, got {_kind(doc)}")
     for key in TOP_LEVEL_KEYS:
         if key not in doc:
-            raise PSGFormatError(path, None, key, "expected this top-level key, it is missing")
+            raise PSGFormatError(path, None, key, "this top-level key, it is missing")
     for key in ("thing_classes", "stuff_classes", "predicate_classes"):
         names = doc[key]
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise PSGFormatError(path, None, key, "expected a non-empty list of class names")
+            raise PSGFormatError(path, None, key, "a non-empty list of class names")
     if not isinstance(doc["data"], list):
-        raise PSGFormatError(
-            path, None, "data", f"expected a list of images, got {_kind(doc['data'])}"
-        )
+        raise PSGFormatError(path, None, "data", f"a list of images, got {_kind(doc['data'])}")
     test_ids = doc.get("test_image_ids", [])
     if not isinstance(test_ids, list) or not all(isinstance(i, str) for i in test_ids):
-        raise PSGFormatError(path, None, "test_image_ids", "expected a list of string image ids")
+        raise PSGFormatError(path, None, "test_image_ids", "a list of string image ids")
 
 
 def _check_image(
@@ -169,21 +167,19 @@ def _check_image(
 ) -> str:
     """Validate one image record and return its id."""
     if not isinstance(record, dict):
-        raise PSGFormatError(
-            path, None, f"data[{index}]", f"expected an object, got {_kind(record)}"
-        )
+        raise PSGFormatError(path, None, f"data[{index}]", f"an object, got {_kind(record)}")
     for key in IMAGE_KEYS:
         if key not in record:
             raise PSGFormatError(
                 path,
                 record.get("image_id"),
                 f"data[{index}].{key}",
-                "expected this key, it is missing",
+                "this key, it is missing",
             )
     image_id = record["image_id"]
     if not isinstance(image_id, str) or not image_id:
         raise PSGFormatError(
-            path, None, f"data[{index}].image_id", f"expected a non-empty string, got {image_id!r}"
+            path, None, f"data[{index}].image_id", f"a non-empty string, got {image_id!r}"
         )
 
     def fail(field: str, expected: str) -> PSGFormatError:
@@ -191,51 +187,43 @@ def _check_image(
 
     for key in ("file_name", "pan_seg_file_name"):
         if not isinstance(record[key], str) or not record[key]:
-            raise fail(key, f"expected a non-empty file name, got {record[key]!r}")
+            raise fail(key, f"a non-empty file name, got {record[key]!r}")
     height, width = record["height"], record["width"]
     for key, value in (("height", height), ("width", width)):
         if type(value) is not int or value <= 0:
-            raise fail(key, f"expected a positive integer, got {value!r}")
+            raise fail(key, f"a positive integer, got {value!r}")
 
     segments, annotations = record["segments_info"], record["annotations"]
     if not isinstance(segments, list):
-        raise fail("segments_info", f"expected a list, got {_kind(segments)}")
+        raise fail("segments_info", f"a list, got {_kind(segments)}")
     if not isinstance(annotations, list) or len(annotations) != len(segments):
         got = f"{len(annotations)} entries" if isinstance(annotations, list) else _kind(annotations)
         raise fail(
             "annotations",
-            f"expected a list aligned with segments_info ({len(segments)}), got {got}",
+            f"a list aligned with segments_info ({len(segments)}), got {got}",
         )
     segment_ids = set()
     for j, (segment, annotation) in enumerate(zip(segments, annotations, strict=True)):
         category = _check_segment(fail, j, segment, num_things, num_classes)
         if segment["id"] in segment_ids:
-            raise fail(
-                f"segments_info[{j}].id", f"expected a unique segment id, got {segment['id']}"
-            )
+            raise fail(f"segments_info[{j}].id", f"a unique segment id, got {segment['id']}")
         segment_ids.add(segment["id"])
         _check_annotation(fail, j, annotation, category, width, height)
 
     relations = record["relations"]
     if not isinstance(relations, list):
-        raise fail(
-            "relations", f"expected a list of [subject, object, predicate], got {_kind(relations)}"
-        )
+        raise fail("relations", f"a list of [subject, object, predicate], got {_kind(relations)}")
     num_segments = len(segments)
     for k, relation in enumerate(relations):
         if not isinstance(relation, list) or len(relation) != 3:
-            raise fail(
-                f"relations[{k}]", f"expected [subject, object, predicate], got {relation!r}"
-            )
+            raise fail(f"relations[{k}]", f"[subject, object, predicate], got {relation!r}")
         for position, (value, bound, what) in enumerate(
             zip(
                 relation, (num_segments, num_segments, num_predicates), _RELATION_PARTS, strict=True
             )
         ):
             if type(value) is not int or not 0 <= value < bound:
-                raise fail(
-                    f"relations[{k}][{position}]", f"expected {what} in [0, {bound}), got {value!r}"
-                )
+                raise fail(f"relations[{k}][{position}]", f"{what} in [0, {bound}), got {value!r}")
     return image_id
 
 
@@ -251,30 +239,30 @@ def _check_segment(
 ) -> int:
     """Validate ``segments_info[j]`` and return its category id."""
     if not isinstance(segment, dict):
-        raise fail(f"segments_info[{j}]", f"expected an object, got {_kind(segment)}")
+        raise fail(f"segments_info[{j}]", f"an object, got {_kind(segment)}")
     for key in SEGMENT_KEYS:
         if key not in segment:
-            raise fail(f"segments_info[{j}].{key}", "expected this key, it is missing")
+            raise fail(f"segments_info[{j}].{key}", "this key, it is missing")
     segment_id, category = segment["id"], segment["category_id"]
     if type(segment_id) is not int or segment_id <= 0:
-        raise fail(f"segments_info[{j}].id", f"expected a positive integer, got {segment_id!r}")
+        raise fail(f"segments_info[{j}].id", f"a positive integer, got {segment_id!r}")
     if type(category) is not int or not 0 <= category < num_classes:
         raise fail(
             f"segments_info[{j}].category_id",
-            f"expected a category id in [0, {num_classes}), got {category!r}",
+            f"a category id in [0, {num_classes}), got {category!r}",
         )
     isthing = category < num_things
     if segment["isthing"] not in (0, 1) or bool(segment["isthing"]) != isthing:
         raise fail(
             f"segments_info[{j}].isthing",
-            f"expected {int(isthing)} for a {'thing' if isthing else 'stuff'} category "
+            f"{int(isthing)} for a {'thing' if isthing else 'stuff'} category "
             f"({category}), got {segment['isthing']!r}",
         )
     if segment["iscrowd"] not in (0, 1):
-        raise fail(f"segments_info[{j}].iscrowd", f"expected 0 or 1, got {segment['iscrowd']!r}")
+        raise fail(f"segments_info[{j}].iscrowd", f"0 or 1, got {segment['iscrowd']!r}")
     area = segment["area"]
     if type(area) not in (int, float) or not area >= 0:
-        raise fail(f"segments_info[{j}].area", f"expected a non-negative number, got {area!r}")
+        raise fail(f"segments_info[{j}].area", f"a non-negative number, got {area!r}")
     return category
 
 
@@ -283,19 +271,19 @@ def _check_annotation(
 ) -> None:
     """Validate ``annotations[j]`` against its segment and the image size."""
     if not isinstance(annotation, dict):
-        raise fail(f"annotations[{j}]", f"expected an object, got {_kind(annotation)}")
+        raise fail(f"annotations[{j}]", f"an object, got {_kind(annotation)}")
     for key in ANNOTATION_KEYS:
         if key not in annotation:
-            raise fail(f"annotations[{j}].{key}", "expected this key, it is missing")
+            raise fail(f"annotations[{j}].{key}", "this key, it is missing")
     if annotation["category_id"] != category:
         raise fail(
             f"annotations[{j}].category_id",
-            f"expected {category} as in segments_info[{j}], got {annotation['category_id']!r}",
+            f"{category} as in segments_info[{j}], got {annotation['category_id']!r}",
         )
     if annotation.get("bbox_mode", 0) != 0:
         raise fail(
             f"annotations[{j}].bbox_mode",
-            f"expected 0 (absolute x1, y1, x2, y2), got {annotation['bbox_mode']!r}",
+            f"0 (absolute x1, y1, x2, y2), got {annotation['bbox_mode']!r}",
         )
     box = annotation["bbox"]
     try:  # NaN, infinities, wrong types and wrong lengths all fail here
@@ -306,7 +294,7 @@ def _check_annotation(
     if not inside:
         raise fail(
             f"annotations[{j}].bbox",
-            f"expected [x1, y1, x2, y2] with 0 <= x1 <= x2 <= {width}"
+            f"[x1, y1, x2, y2] with 0 <= x1 <= x2 <= {width}"
             f" and 0 <= y1 <= y2 <= {height}, got {box!r}",
         )
 
@@ -332,8 +320,7 @@ def _check_pixels(root: Path, record: dict) -> None:
             pan_path,
             image_id,
             "pan_seg_file_name",
-            "expected every segment id (R + 256 G + 256^2 B) in the PNG,"
-            f" missing {missing.tolist()}",
+            f"every segment id (R + 256 G + 256^2 B) in the PNG, missing {missing.tolist()}",
         )
 
 
@@ -341,18 +328,14 @@ def _open_image(path: Path, image_id: str, field: str) -> Image.Image:
     try:
         return Image.open(path)
     except (OSError, ValueError) as err:
-        raise PSGFormatError(
-            path, image_id, field, f"expected a readable image, got {err}"
-        ) from err
+        raise PSGFormatError(path, image_id, field, f"a readable image, got {err}") from err
 
 
 def _decode(image: Image.Image, path: Path, image_id: str, field: str) -> None:
     try:
         image.load()
     except (OSError, ValueError, SyntaxError) as err:
-        raise PSGFormatError(
-            path, image_id, field, f"expected a decodable image, got {err}"
-        ) from err
+        raise PSGFormatError(path, image_id, field, f"a decodable image, got {err}") from err
 
 
 def _check_size(path: Path, image_id: str, field: str, got: tuple, size: tuple) -> None:
@@ -361,7 +344,7 @@ def _check_size(path: Path, image_id: str, field: str, got: tuple, size: tuple) 
             path,
             image_id,
             field,
-            f"expected width x height {size[0]}x{size[1]} as annotated, got {got[0]}x{got[1]}",
+            f"width x height {size[0]}x{size[1]} as annotated, got {got[0]}x{got[1]}",
         )
 
 
