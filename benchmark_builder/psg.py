@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 TOP_LEVEL_KEYS = ("thing_classes", "stuff_classes", "predicate_classes", "data")
@@ -33,6 +32,7 @@ IMAGE_KEYS = (
 )
 SEGMENT_KEYS = ("id", "category_id", "iscrowd", "isthing", "area")
 ANNOTATION_KEYS = ("bbox", "category_id")
+MAX_SEGMENT_IDS = 1 << 16  # distinct colours a panoptic PNG may hold (a photo has far more)
 
 
 class PSGFormatError(ValueError):
@@ -102,6 +102,8 @@ def load_psg(
         seen[image_id] = index
     root = None if images_root is None else Path(images_root)
     if root is not None and check_images:
+        if not root.is_dir():
+            raise PSGFormatError(root, None, "<images_root>", "an existing folder")
         for record in doc["data"]:
             _check_pixels(root, record)
     return PSGDataset(
@@ -311,16 +313,19 @@ def _check_pixels(root: Path, record: dict) -> None:
     with _open_image(pan_path, image_id, "pan_seg_file_name") as pan:
         _check_size(pan_path, image_id, "pan_seg_file_name", pan.size, size)
         _decode(pan, pan_path, image_id, "pan_seg_file_name")
-        rgb = np.asarray(pan.convert("RGB"), dtype=np.uint32)
-    present = np.unique(rgb[..., 0] + (rgb[..., 1] << 8) + (rgb[..., 2] << 16))
-    expected = np.array([s["id"] for s in record["segments_info"]], dtype=np.int64)
-    missing = expected[~np.isin(expected, present)]
-    if missing.size:
+        colours = pan.convert("RGB").getcolors(MAX_SEGMENT_IDS)
+    if colours is None:
+        raise PSGFormatError(
+            pan_path, image_id, "pan_seg_file_name", f"at most {MAX_SEGMENT_IDS} segment ids"
+        )
+    present = {r + 256 * g + 65536 * b for _, (r, g, b) in colours}
+    missing = [s["id"] for s in record["segments_info"] if s["id"] not in present]
+    if missing:
         raise PSGFormatError(
             pan_path,
             image_id,
             "pan_seg_file_name",
-            f"every segment id (R + 256 G + 256^2 B) in the PNG, missing {missing.tolist()}",
+            f"every segment id (R + 256 G + 256^2 B) in the PNG, missing {missing}",
         )
 
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from benchmark_builder.psg import PSGFormatError, load_psg
+from benchmark_builder.synthetic import generate_synthetic_psg
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +242,14 @@ def _break_erase_segment(path: Path) -> None:
     Image.fromarray(pan).save(path)
 
 
+def _break_photo(path: Path) -> None:
+    """Put a photo-like picture (random colours) where the panoptic PNG belongs."""
+    with Image.open(path) as pan:
+        size = pan.size
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
 PIXEL_DEFECTS = {
     "image missing": ("file_name", Path.unlink),
     "image unreadable": ("file_name", _break_garbage),
@@ -249,6 +258,7 @@ PIXEL_DEFECTS = {
     "panoptic missing": ("pan_seg_file_name", Path.unlink),
     "panoptic size mismatch": ("pan_seg_file_name", _break_resize),
     "panoptic lacks a segment": ("pan_seg_file_name", _break_erase_segment),
+    "panoptic is a photo": ("pan_seg_file_name", _break_photo),
 }
 
 
@@ -268,3 +278,18 @@ def test_pixel_defects_are_named(synthetic_psg, tmp_path, case):
         field,
     )
     assert len(load_psg(root / "psg.json", images_root=root, check_images=False).images) == 24
+
+
+def test_images_root_must_exist(synthetic_psg, tmp_path):
+    with pytest.raises(PSGFormatError) as info:
+        load_psg(synthetic_psg, images_root=tmp_path / "missing")
+    assert (info.value.file, info.value.field) == (tmp_path / "missing", "<images_root>")
+
+
+def test_panoptic_with_too_many_colours_is_refused(tmp_path):
+    path = generate_synthetic_psg(tmp_path / "big", 1, seed=0, image_size=300)
+    record = json.loads(path.read_text())["data"][0]
+    _break_photo(path.parent / record["pan_seg_file_name"])
+    with pytest.raises(PSGFormatError, match="at most 65536 segment ids") as info:
+        load_psg(path, images_root=path.parent)
+    assert info.value.field == "pan_seg_file_name"
