@@ -136,7 +136,7 @@ def generate_synthetic_psg(
         )
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace)")
+        raise FileExistsError(f"{out_dir} exists and is not empty; allow overwriting to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
