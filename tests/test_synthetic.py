@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.spatial.distance import jensenshannon
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.tree import DecisionTreeClassifier
 
 from benchmark_builder import synthetic
 from benchmark_builder.psg import load_psg
@@ -83,9 +85,13 @@ def _check_geometry(predicate: str, s: list, o: list, s_stuff: bool, o_stuff: bo
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> dict:
-    path = generate_synthetic_psg(tmp_path_factory.mktemp("scenes") / "psg", 150, seed=1)
-    return json.loads(path.read_text())
+def scenes_path(tmp_path_factory) -> Path:
+    return generate_synthetic_psg(tmp_path_factory.mktemp("scenes") / "psg", 150, seed=1)
+
+
+@pytest.fixture(scope="module")
+def scenes(scenes_path) -> dict:
+    return json.loads(scenes_path.read_text())
 
 
 def test_predicates_are_functions_of_the_boxes(scenes):
@@ -150,3 +156,59 @@ def test_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     generate_synthetic_psg(out, 4, seed=0, overwrite=True, progress=True)
     assert len(load_psg(out / "psg.json", images_root=out).images) == 4
+
+
+def _split(scenes: dict) -> tuple[list[dict], list[dict]]:
+    return scenes["data"][:100], scenes["data"][100:]
+
+
+def test_classes_are_told_apart_by_their_pixels(scenes_path, scenes):
+    """Mean and spread of colour inside each segment's mask predict its class on unseen images."""
+
+    def features(records):
+        x, y = [], []
+        for record in records:
+            image = np.asarray(Image.open(scenes_path.parent / record["file_name"]), dtype=float)
+            pan = np.asarray(Image.open(scenes_path.parent / record["pan_seg_file_name"]))
+            ids = pan.astype(np.int64) @ [1, 256, 65536]
+            for segment in record["segments_info"]:
+                pixels = image[ids == segment["id"]]
+                x.append(np.concatenate([pixels.mean(0), pixels.std(0)]))
+                y.append(segment["category_id"])
+        return np.array(x), np.array(y)
+
+    train, test = (features(part) for part in _split(scenes))
+    model = KNeighborsClassifier(n_neighbors=3).fit(*train)
+    assert model.score(*test) > 0.9
+
+
+def test_predicates_are_learnable_from_pair_geometry(scenes):
+    """A tree on relative box geometry and classes tells related pairs and their predicates."""
+
+    def pairs(records):
+        x, y = [], []
+        for record in records:
+            boxes = np.array([a["bbox"] for a in record["annotations"]]) / record["width"]
+            classes = [s["category_id"] for s in record["segments_info"]]
+            label = {(s, o): p + 1 for s, o, p in record["relations"]}
+            for s, o in itertools.permutations(range(len(boxes)), 2):
+                (sx1, sy1, sx2, sy2), (ox1, oy1, ox2, oy2) = boxes[s], boxes[o]
+                gaps = [
+                    ox1 - sx2,
+                    sx1 - ox2,
+                    oy1 - sy2,
+                    sy1 - oy2,
+                    sy2 - oy2,
+                    (sx1 + sx2) / 2 - ox1,
+                ]
+                x.append(
+                    [*boxes[s], *boxes[o], *gaps, ox2 - (sx1 + sx2) / 2, classes[s], classes[o]]
+                )
+                y.append(label.get((s, o), 0))
+        return np.array(x), np.array(y)
+
+    (x_train, y_train), (x_test, y_test) = (pairs(part) for part in _split(scenes))
+    model = DecisionTreeClassifier(random_state=0).fit(x_train, y_train)
+    majority = np.mean(y_test == np.bincount(y_train).argmax())
+    accuracy = model.score(x_test, y_test)
+    assert accuracy > 0.95 and accuracy > majority + 0.3
