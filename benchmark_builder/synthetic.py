@@ -325,7 +325,7 @@ def _paint(
     elif shape == "trapezoid":
         mask = np.abs(u - 0.5) <= 0.5 - 0.25 * v
     else:
-        mask = np.ones((h, w), dtype=bool)
+        mask = np.s_[:]  # a rectangle fills its box
     period = max(2, image.shape[0] // 16)
     rows, cols = np.arange(y1, y2)[:, None] // period, np.arange(x1, x2)[None, :] // period
     shade = np.broadcast_to(_texture(style.texture, rows, cols, v, rng), (h, w))
