@@ -1,30 +1,24 @@
-"""Shared by the strategy tests: an in-process Flower Grid and a federated least-squares problem.
+"""Shared by the strategy tests: a federated least-squares problem and its client.
 
-`LocalGrid` delivers real flwr Messages to in-process node handlers (an exception becomes an
-error reply, as a crashing ClientApp's does), so the server halves run their real
-configure_train/aggregate_train. `LeastSquaresNode` is what a fedpsg ClientApp does: build the
-client half from the train config, run `train_local`, reply with "arrays", "metrics" and the
-client half's extra records.
+With `strategies.local_grid.LocalGrid` the server halves run their real configure_train and
+aggregate_train on real flwr Messages. `LeastSquaresNode` does what a fedpsg ClientApp does:
+build the client half from the train config, run `train_local`, reply with "arrays",
+"metrics" and the client half's extra records.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import pytest
 import torch
-from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
 from strategies import client_half, train_local
 from strategies.base import ArrayDict
+from strategies.local_grid import LocalGrid
 from strategies.server import to_numpy, to_record
-
-Handler = Callable[[Message], RecordDict]
 
 
 @pytest.fixture
@@ -34,49 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class LocalGrid(Grid):
-    """A Grid whose nodes are Python callables in this process."""
-
-    def __init__(self, nodes: dict[int, Handler]) -> None:
-        # This process plays the ServerApp: Flower's messages read their sender from here.
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-        self.nodes = nodes
-        self._run = Run.create_empty(run_id=1)
-        self._replies: dict[str, Message] = {}
-        self._ids = itertools.count()
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg_id = str(next(self._ids))
-            try:
-                reply = Message(self.nodes[msg.metadata.dst_node_id](msg), reply_to=msg)
-            except Exception as err:  # a crashing client: Flower replies with an error
-                reply = Message(Error(code=0, reason=repr(err)), reply_to=msg)
-            self._replies[msg_id] = reply
-            ids.append(msg_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
 
 
 def heterogeneous_least_squares(

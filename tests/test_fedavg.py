@@ -5,7 +5,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from strategies_harness import (
-    LocalGrid,
     global_loss,
     heterogeneous_least_squares,
     initial_arrays,
@@ -15,6 +14,7 @@ from torch import nn
 
 from strategies import client_half, server_strategy, train_local
 from strategies.base import ClientHalf
+from strategies.local_grid import LocalGrid
 from strategies.server import to_numpy, to_record
 
 

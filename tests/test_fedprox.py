@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord
-from strategies_harness import LocalGrid, heterogeneous_least_squares, initial_arrays, make_grid
+from strategies_harness import heterogeneous_least_squares, initial_arrays, make_grid
 from torch import nn
 
 from strategies import client_half, server_strategy, train_local
 from strategies.fedprox import FedProxClient
+from strategies.local_grid import LocalGrid
 from strategies.server import to_numpy, to_record
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 from strategies_harness import (
-    LocalGrid,
     heterogeneous_least_squares,
     initial_arrays,
     make_grid,
@@ -18,6 +17,7 @@ from torch import nn
 from strategies import client_half, server_strategy, train_local
 from strategies.base import ClientHalf
 from strategies.fedsam import FedSAMClient
+from strategies.local_grid import LocalGrid
 from strategies.server import to_numpy, to_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from strategies_harness import (
-    LocalGrid,
     global_loss,
     heterogeneous_least_squares,
     initial_arrays,
@@ -18,6 +17,7 @@ from strategies_harness import (
 from torch import nn
 
 from strategies import client_half, server_strategy, train_local
+from strategies.local_grid import LocalGrid
 from strategies.scaffold import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
 from strategies.server import to_numpy, to_record
 

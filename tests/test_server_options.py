@@ -9,7 +9,6 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 from strategies_harness import (
     LeastSquaresNode,
-    LocalGrid,
     heterogeneous_least_squares,
     initial_arrays,
     make_grid,
@@ -18,6 +17,7 @@ from strategies_harness import (
 
 import strategies
 from strategies import client_half, server_strategy
+from strategies.local_grid import LocalGrid
 from strategies.server import CHECKPOINT_NAME, ModelAverage, to_numpy, to_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
