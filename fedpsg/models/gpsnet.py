@@ -93,7 +93,7 @@ class DirectionAwareMessagePassing(nn.Module):
         self.subject_key = nn.Linear(dim, rank)
         self.object_key = nn.Linear(dim, rank)
         self.pair_key = nn.Linear(dim, rank)
-        self.attend = nn.Linear(rank, 1)
+        self.attend = nn.Linear(rank, 1, bias=False)  # a bias cancels in the softmax
         self.subject_to_object = nn.Linear(dim, dim)
         self.object_to_subject = nn.Linear(dim, dim)
         self.update = nn.Sequential(nn.Linear(2 * dim, dim), nn.LayerNorm(dim), nn.ReLU())
