@@ -127,7 +127,7 @@ class VisualFeaturizer:
 def _decode_rgb(data: bytes, image_id: Any, field: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))
     except Exception as err:  # PIL raises several unrelated types for bad bytes
         raise SceneError(image_id, field, f"a readable image ({err})") from err
 

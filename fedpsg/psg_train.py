@@ -59,7 +59,12 @@ class SceneLoader:
     """Re-iterable batches of scenes; each pass draws a new seeded shuffle."""
 
     def __init__(
-        self, scenes: Sequence[Scene], batch_size: int, shuffle: bool = True, seed: int = 0
+        self,
+        scenes: Sequence[Scene],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -67,6 +72,7 @@ class SceneLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
 
     def __len__(self) -> int:
         return -(-len(self.scenes) // self.batch_size)
@@ -77,7 +83,8 @@ class SceneLoader:
         else:
             order = range(len(self.scenes))
         for start in range(0, len(self.scenes), self.batch_size):
-            yield collate([self.scenes[i] for i in order[start : start + self.batch_size]])
+            batch = collate([self.scenes[i] for i in order[start : start + self.batch_size]])
+            yield batch.to(self.device)
 
 
 @dataclass(frozen=True)
@@ -122,25 +129,31 @@ def train(
     seed: int = 0,
     incoming: Mapping[str, ArrayDict] | None = None,
     state: dict[str, ArrayDict] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[float, dict[str, ArrayDict]]:
     """Local training of `model` on `scenes` with the client half `half` (seeded shuffle).
 
     Returns the mean training loss and the extra arrays the client half sends back.
     """
-    loader = SceneLoader(scenes, batch_size, shuffle=True, seed=seed)
+    loader = SceneLoader(scenes, batch_size, shuffle=True, seed=seed, device=device)
     return train_local(model, loader, RelationLoss(mode), half, incoming, state, epochs)
 
 
 @torch.no_grad()
 def evaluate(
-    model: RelationModel, scenes: Sequence[Scene], *, mode: str = "predcls", batch_size: int = 32
+    model: RelationModel,
+    scenes: Sequence[Scene],
+    *,
+    mode: str = "predcls",
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """R@K and mR@K (K = 20, 50, 100) and the mean relation loss of `model` on `scenes`."""
     was_training = model.training
     model.eval()
     recall, loss_fn = RecallAccumulator(), RelationLoss(mode)
     total, count = 0.0, 0
-    for batch in SceneLoader(scenes, batch_size, shuffle=False):
+    for batch in SceneLoader(scenes, batch_size, shuffle=False, device=device):
         output = model(batch, mode)
         recall.add_batch(batch, output, mode)
         total += float(loss_fn.loss(output.predicate_logits, output.object_logits, batch))

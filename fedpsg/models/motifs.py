@@ -81,6 +81,9 @@ class Motifs(RelationModel):
             nn.Linear(hidden_dim, hidden_dim),
         )
         self.predicate = nn.Linear(hidden_dim, spec.num_predicates + 1)
+        # Zero-initialised: an untrained MOTIFS scores exactly as its frequency bias does.
+        nn.init.zeros_(self.predicate.weight)
+        nn.init.zeros_(self.predicate.bias)
         self.bias = FrequencyBias(spec, freq_prior)
 
     def forward(self, batch: SceneBatch, mode: str = "predcls") -> RelationOutput:

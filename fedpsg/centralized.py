@@ -1,0 +1,186 @@
+"""The centralized ("CL") baseline: the same model on the pooled client data, same budget.
+
+Every table of federated results gets this row, as FL-PSG's do. The run config is the
+federated one (`benchmark-dir`, `model`, `mode`, `lr`, `momentum`, `batch-size`, `seed`,
+`features`, `model-*`); the frequency table starts from the prior counted on the pooled
+training data (the server may see it here: there is no federation to protect). Training uses
+the FedAvg client half (plain SGD), so only the data's location differs from a federated run.
+
+Budget: a round in which `k` of `n` clients run `E` local epochs passes over `k / n * E` of the
+pooled data in expectation, so `R` rounds match `budget_epochs(R, k, n, E)` centralized epochs.
+
+    python -m fedpsg.centralized /abs/benchmark --epochs 5 --model motifs --out runs/cl
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from fedpsg.models import RelationModel, build_model
+from fedpsg.psg_task import (
+    benchmark_from_config,
+    load_scenes,
+    model_hparams,
+    model_spec,
+    uses_visual,
+)
+from fedpsg.psg_train import evaluate, frequency_prior, train
+from fedpsg.task import RunConfig
+from strategies.base import ClientHalf
+
+
+def budget_epochs(
+    num_rounds: int, clients_per_round: int, num_clients: int, local_epochs: int = 1
+) -> int:
+    """Centralized epochs matching a federated run's passes over the pooled data (at least 1)."""
+    return max(1, round(num_rounds * clients_per_round / num_clients * local_epochs))
+
+
+@dataclass
+class CentralizedResult:
+    """Per-epoch test metrics (epoch 0 = before training) and the trained model."""
+
+    history: list[dict[str, float]]
+    model: RelationModel
+
+
+def run_centralized(
+    config: RunConfig,
+    epochs: int,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> CentralizedResult:
+    """Train `config["model"]` on all client shards pooled; evaluate on the test split after
+    every epoch. `on_epoch` (opt-in) sees each history row as it is made."""
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    benchmark = benchmark_from_config(config)
+    visual = uses_visual(benchmark, config)
+    spec = model_spec(benchmark, visual)
+    scenes = [
+        scene
+        for client in range(benchmark.num_clients)
+        for scene in load_scenes(benchmark, client, visual)
+    ]
+    test = load_scenes(benchmark, None, visual)
+    mode, seed = str(config.get("mode", "predcls")), int(config.get("seed", 0))
+    batch_size = int(config.get("batch-size", 16))
+    prior = frequency_prior(scenes, spec.num_classes, spec.num_predicates)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(
+            str(config.get("model", "motifs")), spec, prior, **model_hparams(config)
+        )
+    half = ClientHalf(
+        float(config.get("lr", 0.03)),
+        momentum=float(config.get("momentum", 0.0)),
+        weight_decay=float(config.get("weight-decay", 0.0)),
+    )
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    for epoch in range(epochs + 1):
+        loss = float("nan")
+        if epoch:
+            loss, _ = train(
+                model, scenes, half, mode=mode, batch_size=batch_size, seed=seed * 100_003 + epoch
+            )
+        metrics = evaluate(model, test, mode=mode, batch_size=batch_size)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "test_loss": metrics.pop("loss"),
+            **metrics,
+            "wall_s": time.perf_counter() - start,
+        }
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    return CentralizedResult(history, model)
+
+
+def write_outputs(result: CentralizedResult, out: Path) -> None:
+    """metrics.json/.csv, the R@K / mR@K curve (recall.png) and the final weights (model.pt)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result.history, indent=2) + "\n")
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(result.history[0]))
+        writer.writeheader()
+        writer.writerows(result.history)
+    torch.save(result.model.state_dict(), out / "model.pt")
+    epochs = [row["epoch"] for row in result.history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100"):
+        style = "-" if key.startswith("R") else "--"
+        ax.plot(epochs, [row[key] for row in result.history], style, marker="o", label=key)
+    ax.set(xlabel="epoch", ylabel="recall", title="Centralized baseline (test split)")
+    ax.legend(ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "recall.png", dpi=120)
+    plt.close(fig)
+
+
+def main(
+    benchmark_dir: Annotated[Path, typer.Argument(help="Benchmark folder (from fedpsg-build).")],
+    out: Annotated[Path, typer.Option(help="Where metrics, plot and weights go.")],
+    epochs: Annotated[int, typer.Option(help="Passes over the pooled data.")] = 5,
+    model: str = "motifs",
+    mode: str = "predcls",
+    features: str = "auto",
+    lr: float = 0.03,
+    momentum: float = 0.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    hidden_dim: int = 64,
+) -> None:
+    """Train the centralized baseline and print its final R@K / mR@K table."""
+    from rich.console import Console
+    from rich.table import Table
+    from tqdm import tqdm
+
+    config = {
+        "benchmark-dir": str(benchmark_dir.resolve()),
+        "model": model,
+        "mode": mode,
+        "features": features,
+        "lr": lr,
+        "momentum": momentum,
+        "batch-size": batch_size,
+        "seed": seed,
+        "model-hidden-dim": hidden_dim,
+    }
+    with tqdm(total=epochs + 1, desc=f"centralized {model}", unit="epoch") as bar:
+
+        def show(row: dict[str, float]) -> None:
+            bar.set_postfix({"R@50": f"{row['R@50']:.3f}", "mR@50": f"{row['mR@50']:.3f}"})
+            bar.update()
+
+        try:
+            result = run_centralized(config, epochs, on_epoch=show)
+        except ValueError as error:  # BenchmarkError, bad config: one clear line, exit 1
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from error
+    write_outputs(result, out)
+    final = result.history[-1]
+    keys = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100")
+    table = Table(title=f"CL {model} ({mode}), {epochs} epochs, test split (%)")
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{100 * final[k]:.2f}" for k in keys))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)
