@@ -14,10 +14,13 @@ adaptive reasoning module's softened frequency prior.
   i takes part in) / (relations in its image): gamma_i = min(2, -(1 - theta_i)^mu log theta_i).
   Nodes in many relations keep gamma near 0 (plain cross-entropy), unrelated nodes get the
   strongest focusing. It only matters in SGCls (PredCls gives the classes).
-- **ARM frequency softening**: the predicate prior p (the softmax of `freq_prior` per class
-  pair) is softened as log_softmax(p / T), T a learnable temperature starting at 1 (the
-  paper's fixed softening), and added with the paper's bias adaptation weight
-  d_ij = sigmoid(w^T u_ij) per pair.
+- **ARM frequency softening**: the predicate distribution p of a class pair (softmax of a
+  log-frequency table initialised from `freq_prior`) is softened as log_softmax(p / T), T a
+  learnable temperature starting at 1 (the paper's fixed softening), and added with the
+  paper's bias adaptation weight d_ij = sigmoid(w^T u_ij) per pair. The paper's table holds
+  fixed dataset statistics; here it is a parameter, as in every model of this package, so a
+  federation that starts from a uniform table (no client may share its counts) still learns
+  the statistics.
 
 Simplifications: the pair feature u_ij is an MLP of the pair geometry (the paper pools a
 union-box CNN feature; the data here has per-segment features only), the Tucker fusion is
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpsg.models.base import (
+    FrequencyBias,
     LabelEmbedding,
     ModelSpec,
     ObjectEncoder,
@@ -39,7 +43,6 @@ from fedpsg.models.base import (
     RelationOutput,
     check_mode,
     pair_labels,
-    prior_shape,
     register,
 )
 from fedpsg.psg_data import SceneBatch
@@ -162,8 +165,7 @@ class GPSNet(RelationModel):
         self.classify = nn.Linear(hidden_dim, spec.num_predicates + 1)
         self.adapt = nn.Linear(hidden_dim, 1)
         self.log_temperature = nn.Parameter(torch.zeros(()))
-        prior = torch.zeros(prior_shape(spec)) if freq_prior is None else freq_prior.float()
-        self.register_buffer("prior", prior.softmax(dim=2))
+        self.frequency = FrequencyBias(spec, freq_prior)
 
     def forward(self, batch: SceneBatch, mode: str = "predcls") -> RelationOutput:
         sgcls = check_mode(mode) == "sgcls"
@@ -176,9 +178,8 @@ class GPSNet(RelationModel):
         object_logits = self.object_output(batch, self.object_classify(x) if sgcls else None, mode)
         subject, obj = batch.pairs.unbind(1)
         pair = self.subject_proj(x)[subject] * self.object_proj(x)[obj] * self.pair_proj(u)
-        softened = F.log_softmax(
-            self.prior[pair_labels(batch, object_logits, mode)] / self.log_temperature.exp(), dim=1
-        )
+        prior = self.frequency(*pair_labels(batch, object_logits, mode)).softmax(dim=1)
+        softened = F.log_softmax(prior / self.log_temperature.exp(), dim=1)
         predicate_logits = self.classify(pair) + self.adapt(u).sigmoid() * softened
         return RelationOutput(predicate_logits, object_logits)
 
