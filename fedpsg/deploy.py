@@ -149,15 +149,15 @@ class Deployment:
             self.write_manifest()
 
     def stop(self) -> None:
-        """Stop every started process and what it started, all services at once."""
-        for name, proc in self.processes.items():
-            if proc.poll() is not None:
-                self.exit_codes.setdefault(name, proc.returncode)
+        """Stop every started process and what it started, all services at once; record
+        how each ended (a negative code: stopped by that signal)."""
         stoppers = [threading.Thread(target=m.stop) for m in self._managers.values()]
         for thread in stoppers:
             thread.start()
         for thread in stoppers:
             thread.join()
+        for name, proc in self.processes.items():
+            self.exit_codes.setdefault(name, proc.returncode)
 
     def env(self, name: str) -> dict[str, str]:
         """The environment of service `name`: Flower's offline settings, its own FLWR_HOME, and
