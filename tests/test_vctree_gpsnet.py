@@ -68,26 +68,6 @@ def spec(visual: bool) -> ModelSpec:
     )
 
 
-def model_loss(mode: str):
-    """The task loss with the models' hooks: `object_loss` (GPS-Net's NPS-loss) replaces the
-    object cross-entropy in SGCls, `auxiliary_loss` (VCTree's tree loss) is added."""
-    predicate_loss = RelationLoss("predcls")  # its PredCls form has no object term
-
-    def loss(model, batch):
-        output = model(batch, mode)
-        total = predicate_loss.loss(output.predicate_logits, output.object_logits, batch)
-        if mode == "sgcls":
-            if hasattr(model, "object_loss"):
-                total = total + model.object_loss(output.object_logits, batch)
-            else:
-                total = total + F.cross_entropy(output.object_logits, batch.labels)
-        if hasattr(model, "auxiliary_loss"):
-            total = total + model.auxiliary_loss(output, batch, mode)
-        return total
-
-    return loss
-
-
 def max_spanning_weight(score: np.ndarray) -> float:
     """Reference: scipy's minimum spanning tree of the negated (shifted positive) scores."""
     return -minimum_spanning_tree(-(score + 1.0)).sum() - (len(score) - 1)
@@ -158,7 +138,7 @@ def test_forward_on_ragged_batches_and_every_weight_learns(name, mode, visual):
     out = model(batch, mode)
     assert out.predicate_logits.shape == (len(batch.pairs), NUM_PREDICATES + 1)
     assert out.object_logits.shape == (len(batch.labels), NUM_CLASSES)
-    loss = model_loss(mode)(model, batch)
+    loss = RelationLoss(mode)(model, batch)
     assert torch.isfinite(loss)
     loss.backward()
     # In PredCls the classes are given, so only the object heads stay idle.
@@ -179,7 +159,7 @@ def test_images_of_one_segment_only(name, mode):
     model = build_model(name, spec(False))
     out = model(batch, mode)
     assert out.predicate_logits.shape == (0, NUM_PREDICATES + 1)
-    loss = model_loss(mode)(model, batch)
+    loss = RelationLoss(mode)(model, batch)
     assert torch.isfinite(loss)
     loss.backward()
 
@@ -293,7 +273,7 @@ def test_beats_the_frequency_baseline_on_synthetic_psg(synthetic, name):
     torch.manual_seed(0)
     model = build_model(name, model_spec, prior, hidden_dim=64)
     loader = SceneLoader(train, batch_size=8, seed=0)
-    train_local(model, loader, model_loss("predcls"), ClientHalf(0.05, momentum=0.9), epochs=6)
+    train_local(model, loader, RelationLoss("predcls"), ClientHalf(0.05, momentum=0.9), epochs=6)
     trained = evaluate(model, test)
     assert trained["R@50"] > baseline["R@50"] + 0.02, (trained, baseline)
     assert trained["mR@50"] > baseline["mR@50"], (trained, baseline)
