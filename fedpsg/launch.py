@@ -77,13 +77,15 @@ def write_connection(
     tmp.replace(path)
 
 
-def format_run_config(run_config: Mapping[str, bool | int | float | str]) -> list[str]:
-    """`--run-config` arguments, one `key=value` per pair, values as TOML scalars."""
+def format_run_config(
+    run_config: Mapping[str, bool | int | float | str], option: str = "--run-config"
+) -> list[str]:
+    """`flwr run` arguments, one `option key=value` per pair, values as TOML scalars."""
     args = []
     for key, value in run_config.items():
         if isinstance(value, str) and ('"' in value or "\n" in value):
             raise ValueError(f"run config {key}={value!r}: quotes and newlines are not allowed")
-        args += ["--run-config", f"{key}={tomli_w.dumps({'v': value})[4:].strip()}"]
+        args += [option, f"{key}={tomli_w.dumps({'v': value})[4:].strip()}"]
     return args
 
 
@@ -96,16 +98,21 @@ def flwr_run(
     stream: bool = True,
     timeout: float | None = None,
     log_file: Path | None = None,
+    federation_config: Mapping | None = None,
 ) -> int:
     """`flwr run <app_dir> <connection> --stream`, and wait until the run has finished.
 
-    The run's log goes to stdout when `stream`, and to `log_file` when given. Returns 0 only
+    The run's log goes to stdout when `stream`, and to `log_file` when given.
+    `federation_config` overrides the simulation settings for this run (`num-supernodes`,
+    `client-resources-num-cpus`, ...; Flower's `--federation-config`). Returns 0 only
     when the SuperLink reports the run `finished:completed` (`flwr run` itself exits 0 even
     when the ServerApp failed); 124 when `timeout` seconds passed (the run is then stopped
     with `flwr stop`); otherwise non-zero.
     """
     env = flwr_env(flwr_home)
     cmd = ["flwr", "run", str(app_dir), connection, *format_run_config(run_config), "--stream"]
+    if federation_config:
+        cmd += format_run_config(federation_config, option="--federation-config")
     deadline = None if timeout is None else time.monotonic() + timeout
     run_id: str | None = None
     sink = open(log_file, "a") if log_file is not None else None  # noqa: SIM115

@@ -1,0 +1,142 @@
+"""The ClientApp: local training and evaluation of the configured task, one partition per node.
+
+A node's partition comes from its node config (`partition-id`, `num-partitions`: set by the
+simulation engine, or `--node-config` in a deployment). Data that cannot be read becomes an
+error reply naming the partition and the problem; the server logs it and the round goes on
+with the other clients. Extra ArrayRecords of the train message (e.g. SCAFFOLD's control
+variate) reach the algorithm's client half, the arrays it returns travel back under their
+keys, and its state lives in `context.state` across rounds.
+"""
+
+from __future__ import annotations
+
+from functools import cache, lru_cache
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from fedpsg.federation import client_config, seed_everything
+from fedpsg.run_outputs import WEIGHT
+from fedpsg.task import Task, load_task
+from strategies import client_half
+from strategies.base import ArrayDict
+
+ARRAYS = "arrays"  # the model's ArrayRecord, as Flower's strategies name it
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds."""
+    pid, num = _partition_of(context)
+    record = ConfigRecord({"partition-id": pid, "num-partitions": num})
+    return Message(RecordDict({"partition": record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this node's partition with the strategy's
+    client half; reply with the new weights, metrics and the half's extra arrays."""
+    pid, num = _partition_of(context)
+    config = client_config(context.run_config, msg.content.config_records["config"], pid)
+    try:
+        data = _partition(str(config["task"]), _frozen(context.run_config), pid, num)
+    except (ValueError, OSError) as exc:
+        return _error_reply(msg, pid, exc)
+    seed_everything(config["seed"])
+    task = _task(str(config["task"]))
+    model = task.build_model(config)
+    model.load_state_dict(msg.content.array_records[ARRAYS].to_torch_state_dict())
+    half = client_half(
+        msg.content.config_records["config"],
+        lr=float(config["lr"]),
+        momentum=float(config.get("momentum", 0.0)),
+        weight_decay=float(config.get("weight-decay", 0.0)),
+    )
+    incoming = {k: to_numpy(r) for k, r in msg.content.array_records.items() if k != ARRAYS}
+    state = {k: to_numpy(r) for k, r in context.state.array_records.items()}
+    num_examples, metrics, outgoing = task.train(model, data, half, config, incoming, state)
+    for key, arrays in state.items():
+        context.state[key] = to_record(arrays)
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({**_floats(metrics), WEIGHT: int(num_examples)}),
+            **{key: to_record(arrays) for key, arrays in outgoing.items()},
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this node's partition."""
+    pid, num = _partition_of(context)
+    config = client_config(context.run_config, msg.content.config_records["config"], pid)
+    try:
+        data = _partition(str(config["task"]), _frozen(context.run_config), pid, num)
+    except (ValueError, OSError) as exc:
+        return _error_reply(msg, pid, exc)
+    task = _task(str(config["task"]))
+    model = task.build_model(config)
+    model.load_state_dict(msg.content.array_records[ARRAYS].to_torch_state_dict())
+    num_examples, metrics = task.evaluate(model, data, config)
+    record = MetricRecord({**_floats(metrics), WEIGHT: int(num_examples)})
+    return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
+def to_numpy(record: ArrayRecord) -> ArrayDict:
+    """An ArrayRecord as a dict of NumPy arrays."""
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def to_record(arrays: ArrayDict) -> ArrayRecord:
+    """A dict of NumPy arrays as an ArrayRecord."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(a)) for key, a in arrays.items()})
+
+
+def _partition_of(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise KeyError(
+            f"node config lacks {exc}; start the SuperNode with "
+            '--node-config "partition-id=<i> num-partitions=<n>"'
+        ) from None
+
+
+@cache
+def _task(name: str) -> Task:
+    return load_task(name)
+
+
+@lru_cache(maxsize=256)
+def _partition(task: str, run_config: tuple, pid: int, num: int) -> Any:
+    """A partition, read once per process (Ray reuses its actors across rounds)."""
+    return _task(task).load_partition(dict(run_config), pid, num)
+
+
+def _frozen(config: Any) -> tuple:
+    return tuple(sorted(config.items()))
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def _error_reply(msg: Message, pid: int, exc: Exception) -> Message:
+    reason = f"partition {pid}: {type(exc).__name__}: {exc}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)

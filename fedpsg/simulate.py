@@ -1,0 +1,193 @@
+"""Run the Flower app as a Ray simulation with `flwr run`, and stop everything afterwards.
+
+    python -m fedpsg.simulate BENCHMARK_DIR --out-dir runs/fedavg --rounds 5 -c strategy=fedprox
+
+Flower's `:local:` connection starts a background SuperLink on fixed ports that outlives the
+command. Instead this starts `flower-superlink --simulation` on a free port as a managed
+process, points a connection of the project's `FLWR_HOME` at it, runs `flwr run --stream`,
+and stops the SuperLink (and the SuperExec and simulation processes under it) by pid when
+the run ends, fails or is interrupted. The number of virtual SuperNodes is the benchmark's
+`num_clients`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import tomli_w
+import typer
+
+from fedpsg.launch import (
+    ManagedProcesses,
+    flwr_env,
+    flwr_run,
+    free_port,
+    wait_for_port,
+    write_connection,
+)
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def default_flwr_home() -> Path:
+    """`$FLWR_HOME` if set, else the project's `.flwr` folder."""
+    return Path(os.environ.get("FLWR_HOME", APP_DIR / ".flwr"))
+
+
+def num_clients(benchmark_dir: Path) -> int:
+    """`num_clients` from a benchmark folder's manifest."""
+    manifest = Path(benchmark_dir) / "manifest.json"
+    try:
+        return int(json.loads(manifest.read_text())["num_clients"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{manifest}: no benchmark manifest (build one first)") from None
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{manifest}: field num_clients: expected an integer ({exc})") from None
+
+
+def simulate(
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    out_dir: Path,
+    *,
+    flwr_home: Path | None = None,
+    cpus_per_client: int = 1,
+    stream: bool = True,
+    timeout: float | None = None,
+) -> int:
+    """Run one simulation of the app with `num_supernodes` virtual SuperNodes.
+
+    Outputs go to `out_dir` (set as run config `out-dir`), with the SuperLink's log and the
+    streamed run log. Returns `flwr_run`'s exit code (0 = the run completed).
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = Path(flwr_home or default_flwr_home()).resolve()
+    config = {**run_config, "out-dir": str(out_dir)}
+    port = free_port()
+    connection = f"fedpsg-sim-{port}"
+    federation = {
+        "num-supernodes": num_supernodes,
+        "client-resources-num-cpus": cpus_per_client,
+        "client-resources-num-gpus": 0.0,
+    }
+    superlink = [
+        "flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
+        "--port", str(port), "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    with ManagedProcesses() as procs, _connection(flwr_home, connection, port):
+        proc = procs.start(superlink, flwr_env(flwr_home), out_dir / "superlink.log")
+        wait_for_port(port, proc)
+        return flwr_run(
+            APP_DIR,
+            connection,
+            config,
+            flwr_home,
+            stream=stream,
+            timeout=timeout,
+            log_file=out_dir / "flwr_run.log",
+            federation_config=federation,
+        )
+
+
+@contextlib.contextmanager
+def _connection(flwr_home: Path, name: str, port: int) -> Iterator[None]:
+    """A connection in `$FLWR_HOME/config.toml` for the lifetime of one simulation.
+
+    Writers lock the file, so simulations started side by side keep each other's entries."""
+    with _locked(flwr_home):
+        write_connection(flwr_home, name, f"127.0.0.1:{port}", insecure=True)
+    try:
+        yield
+    finally:
+        with _locked(flwr_home):
+            path = flwr_home / "config.toml"
+            config = tomllib.loads(path.read_text())
+            superlink = config.get("superlink", {})
+            superlink.pop(name, None)
+            if superlink.get("default") == name:
+                superlink.pop("default")
+            path.write_text(tomli_w.dumps(config))
+
+
+@contextlib.contextmanager
+def _locked(flwr_home: Path) -> Iterator[None]:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    with open(flwr_home / ".config.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs, values parsed as TOML scalars (bare words are strings)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {pair!r}")
+        try:
+            overrides[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+cli = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+
+
+@cli.command()
+def main(
+    benchmark_dir: Annotated[Path, typer.Argument(help="Benchmark folder (manifest.json).")],
+    out_dir: Annotated[Path, typer.Option(help="Where the run's outputs go.")] = Path("runs/sim"),
+    rounds: Annotated[int, typer.Option(help="num-server-rounds")] = 3,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox, fedsam, scaffold")] = "fedavg",
+    model: Annotated[str, typer.Option(help="Relation model of the PSG task.")] = "motifs",
+    config: Annotated[
+        list[str] | None, typer.Option("--config", "-c", help="Run config override key=value.")
+    ] = None,
+    cpus_per_client: Annotated[int, typer.Option(help="Ray CPUs per ClientApp.")] = 1,
+    flwr_home: Annotated[Path | None, typer.Option(help="FLWR_HOME (default: .flwr).")] = None,
+) -> None:
+    """Simulate a federation over BENCHMARK_DIR's clients and print the final table."""
+    benchmark_dir = benchmark_dir.resolve()
+    try:
+        supernodes = num_clients(benchmark_dir)
+    except (OSError, ValueError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    run_config = {
+        "benchmark-dir": str(benchmark_dir),
+        "num-server-rounds": rounds,
+        "strategy": strategy,
+        "model": model,
+        **parse_overrides(config or []),
+    }
+    code = simulate(
+        run_config,
+        supernodes,
+        out_dir,
+        flwr_home=flwr_home,
+        cpus_per_client=cpus_per_client,
+    )
+    summary = out_dir.resolve() / "summary.md"
+    if summary.exists():
+        typer.echo("\n" + summary.read_text())
+        typer.echo(f"plots: {out_dir.resolve() / 'plots'}")
+    if code != 0:
+        typer.secho(f"simulation failed (exit {code}); see {out_dir / 'flwr_run.log'}", err=True)
+        raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
