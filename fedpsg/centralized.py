@@ -132,6 +132,10 @@ def write_outputs(result: CentralizedResult, out: Path) -> None:
     plt.close(fig)
 
 
+app = typer.Typer(add_completion=False, help="The centralized (CL) baseline of a PSG benchmark.")
+
+
+@app.command()
 def main(
     benchmark_dir: Annotated[Path, typer.Argument(help="Benchmark folder (from fedpsg-build).")],
     out: Annotated[Path, typer.Option(help="Where metrics, plot and weights go.")],
@@ -183,4 +187,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    app()

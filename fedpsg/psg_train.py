@@ -101,18 +101,29 @@ class RelationLoss:
     background_ratio: float = 3.0
 
     def __call__(self, model: RelationModel, batch: SceneBatch) -> torch.Tensor:
+        """The training loss: predicates, the model's object term in SGCls, its own extras."""
         output = model(batch, self.mode)
-        return self.loss(output.predicate_logits, output.object_logits, batch)
+        loss = self.predicate_loss(output.predicate_logits, batch)
+        if check_mode(self.mode) == "sgcls" and batch.labels.numel():
+            loss = loss + model.object_loss(output.object_logits, batch)
+        extra = model.auxiliary_loss(output, batch, self.mode)
+        return loss if extra is None else loss + extra
 
-    def loss(
-        self, predicate_logits: torch.Tensor, object_logits: torch.Tensor, batch: SceneBatch
-    ) -> torch.Tensor:
+    def predicate_loss(self, predicate_logits: torch.Tensor, batch: SceneBatch) -> torch.Tensor:
+        """Background-weighted cross-entropy over pair labels."""
         foreground = batch.pair_labels > 0
         num_fg, num_bg = int(foreground.sum()), int((~foreground).sum())
         bg_weight = min(1.0, self.background_ratio * max(num_fg, 1) / max(num_bg, 1))
         weights = torch.where(foreground, 1.0, bg_weight)
         per_pair = F.cross_entropy(predicate_logits, batch.pair_labels, reduction="none")
-        loss = (weights * per_pair).sum() / weights.sum().clamp_min(1e-12)
+        return (weights * per_pair).sum() / weights.sum().clamp_min(1e-12)
+
+    def loss(
+        self, predicate_logits: torch.Tensor, object_logits: torch.Tensor, batch: SceneBatch
+    ) -> torch.Tensor:
+        """The model-independent relation loss (plain object cross-entropy in SGCls), what
+        evaluation reports so that models compare on one scale."""
+        loss = self.predicate_loss(predicate_logits, batch)
         if check_mode(self.mode) == "sgcls" and batch.labels.numel():
             loss = loss + F.cross_entropy(object_logits, batch.labels)
         return loss

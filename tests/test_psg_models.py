@@ -111,3 +111,23 @@ def test_unknown_model_and_mode_are_clear_errors():
         model(collate(scenes(False)), "sgdet")
     with pytest.raises(TypeError, match="unknown hyper-parameters"):
         build_model("imp", spec(False), hiden_dim=3)
+
+
+def test_loss_uses_the_model_hooks():
+    """SGCls trains a model's own object term; a model's auxiliary loss is added."""
+
+    class Hooked(MODELS["frequency"]):
+        def object_loss(self, object_logits, batch):
+            return torch.tensor(10.0)
+
+        def auxiliary_loss(self, output, batch, mode="predcls"):
+            return torch.tensor(100.0)
+
+    batch = collate(scenes(False))
+    plain, hooked = build_model("frequency", spec(False)), Hooked(spec(False))
+    hooked.load_state_dict(plain.state_dict())
+    for mode, extra in [("predcls", 100.0), ("sgcls", 110.0)]:
+        loss = RelationLoss(mode)
+        with torch.no_grad():
+            base = loss.predicate_loss(plain(batch, mode).predicate_logits, batch)
+            assert float(loss(hooked, batch)) == pytest.approx(float(base) + extra)

@@ -69,6 +69,17 @@ class RelationModel(nn.Module):
             )
         self.spec = spec
 
+    def object_loss(self, object_logits: torch.Tensor, batch: SceneBatch) -> torch.Tensor:
+        """The SGCls object term of the training loss (cross-entropy unless a model overrides
+        it, as GPS-Net's node-priority-sensitive loss does)."""
+        return F.cross_entropy(object_logits, batch.labels)
+
+    def auxiliary_loss(
+        self, output: RelationOutput, batch: SceneBatch, mode: str = "predcls"
+    ) -> torch.Tensor | None:
+        """A model's own extra training term (VCTree's tree-score loss); None for none."""
+        return None
+
     def object_output(
         self, batch: SceneBatch, logits: torch.Tensor | None, mode: str
     ) -> torch.Tensor:
