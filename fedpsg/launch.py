@@ -41,6 +41,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
         PATH=os.pathsep.join([str(_BIN), env.get("PATH", "")]),
     )
     return env

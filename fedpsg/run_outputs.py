@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 WEIGHT = "num-examples"
 
@@ -139,16 +140,22 @@ class RunRecorder:
         self.client_frame().to_csv(self.out_dir / "client_metrics.csv", index=False)
 
 
-def final_metrics(run_dir: Path) -> dict[str, float]:
-    """The server metrics of a run's last recorded round."""
+def round_metrics(run_dir: Path, server_round: int | None = None) -> dict[str, float]:
+    """The server metrics of one recorded round of a run (the last when None), with its
+    `round` number."""
     rounds = json.loads((Path(run_dir) / "metrics.json").read_text())["rounds"]
-    return {"round": rounds[-1]["round"], **rounds[-1]["server"]}
+    row = (
+        rounds[-1]
+        if server_round is None
+        else next(r for r in rounds if r["round"] == server_round)
+    )
+    return {"round": row["round"], **row["server"]}
 
 
 def write_comparison(out_dir: Path, names: Sequence[str]) -> str:
     """`comparison.md` / `.json` in `out_dir`: the last-round server metrics of the runs in
     `out_dir/<name>/`, one row per name; returns the markdown."""
-    rows = {name: final_metrics(Path(out_dir) / name) for name in names}
+    rows = {name: round_metrics(Path(out_dir) / name) for name in names}
     metrics = [m for m in next(iter(rows.values())) if m != "round"]
     lines = [
         "| run | round | " + " | ".join(metrics) + " |",
@@ -227,6 +234,7 @@ def plot_server_metrics(rounds: Sequence[Mapping[str, Any]], path: Path) -> None
         for name in names:
             ax.plot(frame.index, frame[name], marker="o", label=name)
         ax.set(title=family, xlabel="round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Global model on the test split")
@@ -236,8 +244,9 @@ def plot_server_metrics(rounds: Sequence[Mapping[str, Any]], path: Path) -> None
 
 
 def plot_client_metrics(rounds: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Per-client curves: each train metric against the round (one line per client), and
-    the last local-evaluation value of each evaluate metric per client (bars)."""
+    """Per-client view: each train metric against the round (one line per client), the
+    examples each client trained on, and the last local-evaluation value of each evaluate
+    metric per client (bars)."""
     rows = [{"round": r["round"], **c} for r in rounds for c in r["clients"] if "error" not in c]
     frame = pd.DataFrame(rows)
     panels: list[tuple[str, str]] = []
@@ -249,16 +258,19 @@ def plot_client_metrics(rounds: Sequence[Mapping[str, Any]], path: Path) -> None
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.5))
     for ax, (stage, name) in zip(_flat(axes), panels, strict=False):
         part = frame[frame["stage"] == stage]
-        if stage == "train":
+        if stage == "train" and name != WEIGHT:
             for pid, group in part.groupby("partition-id"):
                 ax.plot(group["round"], group[name], marker=".", alpha=0.7, label=str(pid))
             ax.set(xlabel="round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if part["partition-id"].nunique() <= 10:
                 ax.legend(title="client", fontsize=7)
         else:
             last = part.sort_values("round").groupby("partition-id")[name].last()
             ax.bar(last.index.astype(str), last.values)
             ax.set(xlabel="client")
+            if len(last) > 20:
+                ax.set_xticks([])
         ax.set(title=f"{stage}: {name}")
         ax.grid(alpha=0.3)
     if not panels:
