@@ -166,6 +166,7 @@ def tls_overlay(nodes: int = 3) -> dict[str, Any]:
             "volumes": mount("ca.crt"),
         },
         "register-supernodes": {
+            "build": {"context": ".", "dockerfile": "docker/Dockerfile"},
             "image": APP_IMAGE,
             "entrypoint": ["python", "-m", "fedpsg.deploy", "register"],
             "command": [
