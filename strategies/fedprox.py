@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from logging import WARNING
+from typing import Any
 
 import torch
 from flwr.common.logger import log
@@ -30,7 +31,7 @@ class FedProx(ServerHalf):
 
     algorithm = "fedprox"
 
-    def __init__(self, *, proximal_mu: float = 0.0, **kwargs) -> None:
+    def __init__(self, *, proximal_mu: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if proximal_mu < 0:
             raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from pytorch_optimizer import SAM
@@ -49,7 +50,7 @@ class FedSAM(ServerHalf):
 
     algorithm = "fedsam"
 
-    def __init__(self, *, rho: float = 0.05, adaptive: bool = False, **kwargs) -> None:
+    def __init__(self, *, rho: float = 0.05, adaptive: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
@@ -147,7 +148,9 @@ class FedSAMClient(ClientHalf):
             weight_decay=self.weight_decay,
         )
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, closure: Closure):
+    def step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, closure: Closure
+    ) -> torch.Tensor:
         """Two passes over the same batch; returns the loss at the unperturbed weights."""
         rng = _rng_states(model)
         loss = closure()

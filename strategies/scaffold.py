@@ -17,6 +17,7 @@ participation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from .base import ArrayDict, ClientHalf, Closure
-from .server import ServerHalf, to_numpy, to_record, weighted_mean
+from .server import ServerHalf, to_record, to_views, weighted_mean
 
 SERVER_CONTROL = "server-control"
 CONTROL_DELTA = "control-delta"
@@ -46,7 +47,7 @@ class Scaffold(ServerHalf):
     algorithm = "scaffold"
     reply_records = (CONTROL_DELTA,)
 
-    def __init__(self, *, server_lr: float = 1.0, **kwargs) -> None:
+    def __init__(self, *, server_lr: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if server_lr <= 0:
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
@@ -97,29 +98,26 @@ class Scaffold(ServerHalf):
         contents = [msg.content for msg in valid]
         if not contents:
             return None, None
-        deltas = [to_numpy(c[CONTROL_DELTA]) for c in contents]
         weights = [
             float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents
         ]
-        mean_y = weighted_mean([to_numpy(c[self.arrayrecord_key]) for c in contents], weights)
         x = self.global_arrays
+        mean_y = weighted_mean([to_views(c[self.arrayrecord_key]) for c in contents], weights, x)
         new_x = {
             k: (v + self.server_lr * (mean_y[k].astype(np.float64) - v)).astype(v.dtype)
             if v.dtype.kind == "f"
             else mean_y[k]
             for k, v in x.items()
         }
-        # A parameter a client did not train has no control delta from it: count it as zero.
+        # A parameter a client did not train has no control delta from it: it counts as zero.
+        deltas = [to_views(c[CONTROL_DELTA]) for c in contents]
         keys = dict.fromkeys([*self.control, *(k for d in deltas for k in d)])
         share = len(contents) / max(self.num_nodes, len(contents))
-        control = {}
-        for k in keys:
-            zero = np.zeros_like(self.global_arrays[k])
-            total = sum(d.get(k, zero).astype(np.float64) for d in deltas)
-            control[k] = (self.control.get(k, zero) + share * total / len(deltas)).astype(
-                zero.dtype
-            )
-        self.control = control
+        mean_delta = weighted_mean(deltas, [1.0] * len(deltas), {k: x[k] for k in keys})
+        self.control = {
+            k: (self.control[k] + share * d).astype(d.dtype) if k in self.control else share * d
+            for k, d in mean_delta.items()
+        }
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return to_record(new_x), metrics
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import time
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -42,21 +44,50 @@ def to_numpy(record: ArrayRecord) -> ArrayDict:
     return {key: array.numpy() for key, array in record.items()}
 
 
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only NumPy view of an Array's serialized .npy bytes, without the copy that
+    `Array.numpy()` makes (aggregation reads every reply once, so copies dominate its cost)."""
+    if array.stype != SType.NUMPY:
+        return array.numpy()
+    stream = io.BytesIO(array.data)
+    reader = _NPY_HEADERS.get(np.lib.format.read_magic(stream))
+    if reader is None:
+        return array.numpy()
+    shape, fortran_order, dtype = reader(stream)
+    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+def to_views(record: ArrayRecord) -> ArrayDict:
+    """An ArrayRecord as read-only NumPy views (see `array_view`)."""
+    return {key: array_view(array) for key, array in record.items()}
+
+
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """A dict of NumPy arrays as an ArrayRecord."""
     return ArrayRecord({key: Array(np.asarray(value, order="C")) for key, value in arrays.items()})
 
 
-def weighted_mean(arrays: list[ArrayDict], weights: list[float]) -> ArrayDict:
-    """Weighted mean of same-keyed array dicts, accumulated in float64, cast back to each dtype."""
+def weighted_mean(
+    arrays: list[Mapping[str, np.ndarray]], weights: list[float], like: ArrayDict
+) -> ArrayDict:
+    """Weighted mean over the keys of `like` (a missing key counts as zeros), accumulated in
+    float64 and cast back to `like`'s dtypes (integers rounded)."""
     total = float(sum(weights))
     out: ArrayDict = {}
-    for key, first in arrays[0].items():
-        acc = np.zeros(first.shape, dtype=np.float64)
+    for key, ref in like.items():
+        acc = np.zeros(ref.shape, dtype=np.float64)
         for item, weight in zip(arrays, weights, strict=True):
-            acc += item[key] * (weight / total)
+            if key in item:
+                acc += (weight / total) * item[key]
         out[key] = (
-            acc.astype(first.dtype) if first.dtype.kind == "f" else np.rint(acc).astype(first.dtype)
+            acc.astype(ref.dtype) if ref.dtype.kind == "f" else np.rint(acc).astype(ref.dtype)
         )
     return out
 
@@ -81,11 +112,6 @@ class ModelAverage:
         self.swa_start = swa_start
         self.average: ArrayDict | None = None
         self.count = 0
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any average is kept."""
-        return self.ema_decay is not None or self.swa_start is not None
 
     def begin(self, initial: ArrayDict) -> None:
         """Start from the initial global model (EMA's starting point)."""
@@ -287,28 +313,29 @@ class ServerHalf(FedAvg):
     def _check_and_log_replies(
         self, replies: Iterable[Message], is_train: bool, validate: bool = True
     ) -> tuple[list[Message], list[Message]]:
-        """Split train replies into usable ones and left-out ones, logging each left out.
+        """Split replies into usable ones and left-out ones, logging why each was left out.
 
-        Evaluate replies keep Flower's checks.
+        Fewer usable train replies than `min_train_nodes` leave none usable (the round keeps
+        the previous global model).
         """
-        if not is_train:
-            return super()._check_and_log_replies(replies, is_train, validate)
+        stage = "aggregate_train" if is_train else "aggregate_evaluate"
         valid: list[Message] = []
         rejected: list[Message] = []
         for msg in replies:
-            problem = self._reply_problem(msg)
+            problem = self._reply_problem(msg) if is_train else self._metrics_problem(msg)
             if problem is None:
                 valid.append(msg)
             else:
                 rejected.append(msg)
                 log(
                     WARNING,
-                    "aggregate_train: left out reply from node %d: %s",
+                    "%s: left out reply from node %d: %s",
+                    stage,
                     msg.metadata.src_node_id,
                     problem,
                 )
-        log(INFO, "aggregate_train: %d usable replies, %d left out", len(valid), len(rejected))
-        if len(valid) < max(self.min_train_nodes, 1):
+        log(INFO, "%s: %d usable replies, %d left out", stage, len(valid), len(rejected))
+        if is_train and len(valid) < max(self.min_train_nodes, 1):
             log(
                 WARNING,
                 "aggregate_train: %d usable replies < min_train_nodes=%d; "
@@ -319,19 +346,27 @@ class ServerHalf(FedAvg):
             return [], rejected + valid
         return valid, rejected
 
-    def _reply_problem(self, msg: Message) -> str | None:
-        """Why a train reply cannot be aggregated, or None if it can."""
+    def _metrics_problem(self, msg: Message) -> str | None:
+        """Why a reply's metrics cannot be aggregated (evaluate and train), or None."""
         if msg.has_error():
             return f"error reply ({msg.error.reason})"
+        records = msg.content.metric_records
+        if len(records) != 1:
+            return f"{len(records)} MetricRecords, expected exactly one"
+        weight = next(iter(records.values())).get(self.weighted_by_key)
+        if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
+            return f"MetricRecord['{self.weighted_by_key}'] = {weight!r}, expected a number > 0"
+        return None
+
+    def _reply_problem(self, msg: Message) -> str | None:
+        """Why a train reply cannot be aggregated, or None if it can."""
+        problem = self._metrics_problem(msg)
+        if problem is not None:
+            return problem
         content = msg.content
         expected = {self.arrayrecord_key, *self.reply_records}
         if set(content.array_records) != expected:
             return f"ArrayRecords {sorted(content.array_records)}, expected {sorted(expected)}"
-        if len(content.metric_records) != 1:
-            return f"{len(content.metric_records)} MetricRecords, expected exactly one"
-        weight = next(iter(content.metric_records.values())).get(self.weighted_by_key)
-        if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
-            return f"MetricRecord['{self.weighted_by_key}'] = {weight!r}, expected a number > 0"
         model = content[self.arrayrecord_key]
         if set(model) != set(self.global_arrays):
             return f"'{self.arrayrecord_key}' keys differ from the global model's"
@@ -340,7 +375,7 @@ class ServerHalf(FedAvg):
                 return f"'{self.arrayrecord_key}'['{key}'] has shape {tuple(array.shape)}"
         for name in expected:
             for key, array in content[name].items():
-                if not np.isfinite(array.numpy()).all():
+                if not np.isfinite(array_view(array)).all():
                     return f"NaN/Inf in '{name}'['{key}']"
         return None
 
@@ -350,9 +385,12 @@ class ServerHalf(FedAvg):
         """Flower's weighted FedAvg over the usable replies, keeping each array's dtype."""
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
-            arrays = to_record(
-                {k: v.astype(self.global_arrays[k].dtype) for k, v in to_numpy(arrays).items()}
-            )
+            for key, array in arrays.items():
+                dtype = self.global_arrays[key].dtype
+                if np.dtype(array.dtype) != dtype:
+                    value = array.numpy()
+                    value = value if dtype.kind == "f" else np.rint(value)
+                    arrays[key] = Array(np.asarray(value.astype(dtype), order="C"))
         return arrays, metrics
 
     def start(

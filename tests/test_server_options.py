@@ -95,7 +95,7 @@ class Crashing(LeastSquaresNode):
 
 class Incomplete(LeastSquaresNode):
     def __call__(self, msg):
-        return RecordDict({"metrics": MetricRecord({"num-examples": 10})})
+        return RecordDict({"metrics": MetricRecord({"loss": 1.0})})  # no arrays, no weight
 
 
 def test_nan_failing_and_incomplete_clients_are_left_out(caplog):
@@ -106,16 +106,18 @@ def test_nan_failing_and_incomplete_clients_are_left_out(caplog):
     results = []
     for g in [clean_grid, grid]:
         with caplog.at_level(logging.WARNING, logger="flwr"):
-            result = server_strategy("fedavg", fraction_evaluate=0.0).start(
+            result = server_strategy("fedavg", fraction_evaluate=1.0).start(
                 g, to_record(initial_arrays()), num_rounds=2
             )
         results.append(to_numpy(result.arrays))
+        assert "loss" in result.evaluate_metrics_clientapp[2]
     for key, value in results[0].items():
         np.testing.assert_array_equal(results[1][key], value)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("node 3" in w and "NaN/Inf" in w for w in warnings)
     assert any("node 4" in w and "out of memory" in w for w in warnings)
-    assert any("node 5" in w and "ArrayRecords" in w for w in warnings)
+    assert any("aggregate_train" in w and "node 5" in w and "num-examples" in w for w in warnings)
+    assert any("aggregate_evaluate" in w and "node 5" in w for w in warnings)
 
 
 def test_too_few_valid_replies_keep_the_previous_model(caplog):
