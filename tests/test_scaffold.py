@@ -1,6 +1,7 @@
 """SCAFFOLD: hand-worked client and server updates, partial participation, and less drift bias
 than FedAvg on heterogeneous least squares."""
 
+import logging
 import random
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from strategies_harness import (
+    LeastSquaresNode,
     global_loss,
     heterogeneous_least_squares,
     initial_arrays,
@@ -119,3 +121,31 @@ def test_scaffold_reaches_lower_global_loss_than_fedavg():
         excess[name] = global_loss(to_numpy(result.arrays), data) - optimum
     # FedAvg's many local steps on heterogeneous clients stall at a biased point.
     assert excess["scaffold"] < 0.1 * excess["fedavg"], excess
+
+
+class ForgetsControl(LeastSquaresNode):
+    """A client that trains but sends no control delta (e.g. a FedAvg ClientApp)."""
+
+    def __call__(self, msg):
+        reply = super().__call__(msg)
+        reply.pop(CONTROL_DELTA)
+        return reply
+
+
+def test_reply_without_control_delta_is_left_out(caplog):
+    data = heterogeneous_least_squares(num_clients=3)
+    nodes = {1: LeastSquaresNode(data[0]), 2: LeastSquaresNode(data[1]), 3: ForgetsControl(data[2])}
+    strategy = server_strategy("scaffold", fraction_evaluate=0.0)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy.start(LocalGrid(nodes), to_record(initial_arrays()), num_rounds=1)
+    assert any(
+        "node 3" in r.getMessage() and "control-delta" in r.getMessage() for r in caplog.records
+    )
+    # c = |S|/N * mean of the 2 usable deltas (= their new c_i, from zero) with N = 3
+    for key, c in strategy.control.items():
+        expected = (
+            (2 / 3)
+            * (nodes[1].state[CLIENT_CONTROL][key] + nodes[2].state[CLIENT_CONTROL][key])
+            / 2
+        )
+        np.testing.assert_allclose(c, expected, rtol=1e-5)

@@ -196,3 +196,21 @@ def test_registry_names_algorithms_and_rejects_unknown_options():
         client_half({"lr": 0.1}, lr=0.1)
     with pytest.raises(KeyError, match="fedprox: train config has no 'proximal-mu'"):
         client_half({"algorithm": "fedprox"}, lr=0.1)
+
+
+def test_array_views_read_what_flower_serialized():
+    from flwr.app import Array
+
+    from strategies.server import array_view
+
+    samples = [
+        np.array(3, np.int64),
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        np.zeros((0, 5), np.float16),
+    ]
+    for value in samples:
+        view = array_view(Array(value))
+        assert view.dtype == value.dtype and view.shape == value.shape
+        np.testing.assert_array_equal(view, value)
+        assert not view.flags.writeable
