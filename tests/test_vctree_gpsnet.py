@@ -164,6 +164,24 @@ def test_images_of_one_segment_only(name, mode):
     loss.backward()
 
 
+@torch.no_grad()
+def test_the_trainer_loss_applies_the_model_hooks():
+    """VCTree's tree loss is added in both modes; GPS-Net's NPS-loss is its SGCls object term."""
+    torch.manual_seed(0)
+    batch = collate(ragged_scenes(False))
+    vctree = build_model("vctree", spec(False), tree_loss_weight=0.5)
+    gpsnet = build_model("gpsnet", spec(False))
+    for mode in ("predcls", "sgcls"):
+        out = vctree(batch, mode)
+        expected = RelationLoss(mode).loss(out.predicate_logits, out.object_logits, batch)
+        expected = expected + vctree.auxiliary_loss(out, batch, mode)
+        assert float(RelationLoss(mode)(vctree, batch)) == pytest.approx(float(expected))
+    out = gpsnet(batch, "sgcls")
+    expected = RelationLoss("predcls").loss(out.predicate_logits, out.object_logits, batch)
+    expected = expected + nps_loss(out.object_logits, batch.labels, node_priority(batch))
+    assert float(RelationLoss("sgcls")(gpsnet, batch)) == pytest.approx(float(expected))
+
+
 def test_vctree_scores_learn_from_the_relation_loss_alone():
     """The tree gates carry the relation loss back to the score MLP (no REINFORCE needed)."""
     torch.manual_seed(0)
