@@ -5,7 +5,18 @@ import pytest
 import torch
 
 from fedpsg.models import MODELS, ModelSpec, build_model
-from fedpsg.psg_data import GEOMETRY_DIM, PAIR_GEOMETRY_DIM, Scene, collate, segment_geometry
+from fedpsg.psg_data import (
+    GEOMETRY_DIM,
+    GEOMETRY_FEATURES,
+    PAIR_GEOMETRY_DIM,
+    Scene,
+    SceneError,
+    VisualFeaturizer,
+    collate,
+    scene_from_row,
+    scenes_from_rows,
+    segment_geometry,
+)
 from fedpsg.psg_train import RelationLoss, frequency_prior
 
 NUM_CLASSES, NUM_PREDICATES, VISUAL_DIM = 9, 5, 6
@@ -131,3 +142,53 @@ def test_loss_uses_the_model_hooks():
         with torch.no_grad():
             base = loss.predicate_loss(plain(batch, mode).predicate_logits, batch)
             assert float(loss(hooked, batch)) == pytest.approx(float(base) + extra)
+
+
+def synthetic_rows(path):
+    import json
+
+    from benchmark_builder.shards import image_row
+
+    records = json.loads(path.read_text())["data"]
+    return [image_row(record, 0, path.parent) for record in records]
+
+
+def test_rows_with_pixels_give_mask_geometry_and_visual_features(synthetic_psg):
+    rows = synthetic_rows(synthetic_psg)
+    featurizer = VisualFeaturizer()
+    scenes = scenes_from_rows(rows[:6], featurizer)
+    blind = scenes_from_rows([{**row, "pan_seg": None} for row in rows[:6]])
+    for scene, row in zip(scenes, rows, strict=False):
+        assert scene.visual.shape == (len(row["segments"]), featurizer.dim)
+        assert torch.isfinite(scene.visual).all()
+        assert torch.equal(
+            scene.relations[:, 2], torch.tensor([r["predicate"] for r in row["relations"]])
+        )
+    centre = GEOMETRY_FEATURES.index("centre_x")
+    # Mask centroids differ from box centres for non-rectangular shapes.
+    assert not torch.allclose(
+        torch.cat([s.geometry[:, centre] for s in scenes]),
+        torch.cat([s.geometry[:, centre] for s in blind]),
+    )
+    # Same-class segments look alike (colour + texture): the nearest other segment by visual
+    # feature shares the class at least twice as often as a random other segment does.
+    features = torch.cat([s.visual for s in scenes])
+    labels = torch.cat([s.labels for s in scenes])
+    same = (labels[:, None] == labels[None]).float().fill_diagonal_(0)
+    chance = float(same.sum() / (len(labels) * (len(labels) - 1)))
+    distance = torch.cdist(features, features).fill_diagonal_(float("inf"))
+    assert float((labels[distance.argmin(1)] == labels).float().mean()) > 2 * chance
+
+
+def test_bad_rows_name_the_image_and_field(synthetic_psg):
+    row = synthetic_rows(synthetic_psg)[0]
+    bad_relation = {**row, "relations": [{"subject": 0, "object": 99, "predicate": 1}]}
+    with pytest.raises(SceneError, match=r"image '0': field 'relations'"):
+        scene_from_row(bad_relation)
+    with pytest.raises(SceneError, match=r"field 'pan_seg'.*readable image"):
+        scene_from_row({**row, "pan_seg": b"not a png"})
+    with pytest.raises(SceneError, match=r"field 'image'.*encoded pixels"):
+        scene_from_row({**row, "image": None}, VisualFeaturizer())
+    box = {**row["segments"][0], "bbox": [5.0, 5.0, 1.0, 9.0]}
+    with pytest.raises(SceneError, match=r"segments.bbox"):
+        scene_from_row({**row, "segments": [box]})
