@@ -13,9 +13,7 @@ from __future__ import annotations
 from functools import cache, lru_cache
 from typing import Any
 
-import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -27,11 +25,10 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedpsg.federation import client_config, seed_everything
-from fedpsg.run_outputs import WEIGHT
+from fedpsg.federation import WEIGHT, client_config, seed_everything
 from fedpsg.task import Task, load_task
 from strategies import client_half
-from strategies.base import ArrayDict
+from strategies.server import to_numpy, to_record
 
 ARRAYS = "arrays"  # the model's ArrayRecord, as Flower's strategies name it
 
@@ -96,16 +93,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     num_examples, metrics = task.evaluate(model, data, config)
     record = MetricRecord({**_floats(metrics), WEIGHT: int(num_examples)})
     return Message(RecordDict({"metrics": record}), reply_to=msg)
-
-
-def to_numpy(record: ArrayRecord) -> ArrayDict:
-    """An ArrayRecord as a dict of NumPy arrays."""
-    return {key: array.numpy() for key, array in record.items()}
-
-
-def to_record(arrays: ArrayDict) -> ArrayRecord:
-    """A dict of NumPy arrays as an ArrayRecord."""
-    return ArrayRecord({key: Array(np.ascontiguousarray(a)) for key, a in arrays.items()})
 
 
 def _partition_of(context: Context) -> tuple[int, int]:

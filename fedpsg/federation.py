@@ -17,6 +17,8 @@ import torch
 
 from fedpsg.task import RunConfig
 
+WEIGHT = "num-examples"  # the metric replies are weighted by, as Flower's FedAvg names it
+
 # run-config key -> keyword of `strategies.server_strategy`
 STRATEGY_OPTIONS = {
     "fraction-train": "fraction_train",
