@@ -67,6 +67,8 @@ def test_benchmark_mounted_read_only_and_results_in_a_volume():
             mounted.setdefault(target, []).append(name)
             if target != compose.RESULTS:
                 assert compose.volume_read_only(volume), f"{name}: {volume} is writable"
+            if target == compose.BENCHMARK:  # `docker compose up` refuses to start without it
+                assert volume.startswith("${FEDPSG_BENCHMARK:?"), volume
     # data is where apps run: the ServerApp's and every ClientApp's SuperExec
     assert sorted(mounted[compose.BENCHMARK]) == sorted(
         ["serverapp", *(f"clientapp-{i}" for i in range(3))]

@@ -1,0 +1,226 @@
+"""The local federation, started from docker-compose.yml: it replays a Ray simulation exactly,
+survives losing a SuperNode mid-run, and turns a badly configured node into a named error.
+
+Every federation here is Flower's own deployment engine: a SuperLink, a SuperExec for the
+ServerApp, and per node a SuperNode with its SuperExec for the ClientApp, as separate processes
+talking HTTP on loopback ports, exactly the commands of the compose services.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from benchmark_builder.build import BuildConfig, build_benchmark
+from benchmark_builder.synthetic import generate_synthetic_psg
+from fedpsg import compose
+from fedpsg.deploy import (
+    COMPOSE_FILE,
+    Deployment,
+    app_run_config,
+    cli,
+    local_paths,
+    plan_federation,
+)
+from fedpsg.launch import free_port
+from fedpsg.simulate import simulate
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = 3
+RUN = {  # a short PredCls MOTIFS run
+    "num-server-rounds": 2,
+    "fraction-train": 1.0,
+    "min-train-nodes": 2,
+    "local-epochs": 1,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "batch-size": 8,
+    "seed": 7,
+    "model": "motifs",
+}
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("deploy")
+    psg = generate_synthetic_psg(root / "synthetic", 48, seed=3)
+    config = BuildConfig(
+        num_clients=NODES,
+        partition="iid",
+        alpha=None,
+        num_clusters=3,
+        featurizer_options={"cache_dir": str(root / "embedding-cache")},
+    )
+    build_benchmark(psg, root / "bench", config, images_root=psg.parent)
+    return root / "bench"
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / "metrics.json").read_text())["rounds"]
+
+
+def run_federation(benchmark, run_dir, *, doc=None, during=None, **config):
+    """Start every service of docker-compose.yml (or of `doc`) locally, wait for the
+    SuperNodes, `flwr run` the app; `during(deployment)` runs in a thread while the run is
+    going. Returns (exit code, deployment)."""
+    if doc is None:
+        _, plan = plan_federation(benchmark, run_dir)
+    else:
+        plan = compose.localize(doc, local_paths(benchmark, run_dir), free_port)
+    with Deployment(plan, run_dir) as deployment:
+        deployment.start()
+        deployment.wait_for_nodes(len(plan.supernodes()), timeout=180)
+        watcher = threading.Thread(target=during, args=(deployment,)) if during else None
+        if watcher is not None:
+            watcher.start()
+        run_config = app_run_config(local_paths(benchmark, run_dir), {**RUN, **config})
+        code = deployment.run(ROOT, run_config, timeout=TIMEOUT, stream=False)
+        if watcher is not None:
+            watcher.join()
+    return code, deployment
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_local_federation_replays_the_simulation(benchmark, tmp_path):
+    run_dir = tmp_path / "deploy"
+    code, _ = run_federation(benchmark, run_dir)
+    flwr_log = (run_dir / "logs" / "flwr-run.log").read_text()
+    assert code == 0, flwr_log[-3000:]
+
+    # the compose file's services ran, each logged to its own file, and all are gone
+    services = json.loads((run_dir / "deployment.json").read_text())["services"]
+    assert set(services) == set(compose.load_compose(COMPOSE_FILE)["services"])
+    for name, record in services.items():
+        assert Path(record["log"]).stat().st_size > 0, name
+        assert not _alive(record["pid"]), f"{name} (pid {record['pid']}) still running"
+    assert "3 usable replies, 0 left out" in flwr_log
+
+    sim_dir = tmp_path / "simulation"
+    sim_config = {**RUN, "benchmark-dir": str(benchmark)}
+    assert simulate(sim_config, NODES, sim_dir, flwr_home=tmp_path / "sim-home", timeout=TIMEOUT,
+                    stream=False) == 0  # fmt: skip
+
+    deployed, simulated = metrics(run_dir / "results"), metrics(sim_dir)
+    assert [r["round"] for r in deployed] == [r["round"] for r in simulated] == [0, 1, 2]
+    for ours, theirs in zip(deployed, simulated, strict=True):
+        assert ours["server"].keys() == theirs["server"].keys()
+        for key, value in ours["server"].items():
+            assert value == pytest.approx(theirs["server"][key], rel=1e-5, abs=1e-7), key
+        by_partition = {c["partition-id"]: c for c in theirs["clients"]}
+        for client in ours["clients"]:
+            other = by_partition[client["partition-id"]]
+            assert client["num-examples"] == other["num-examples"]
+            assert client["train_loss"] == pytest.approx(other["train_loss"], rel=1e-5)
+    # and training moved the model: the federation did real work
+    assert deployed[-1]["server"]["loss"] < deployed[0]["server"]["loss"]
+
+
+def _kill_in_round(name: str, server_round: int, killed: dict):
+    """A `during` hook: SIGTERM SuperNode `name` (as `docker compose stop` does) once it has
+    pulled its train message of `server_round`, i.e. while it trains in that round."""
+
+    def during(deployment: Deployment) -> None:
+        log = deployment.logs / f"{name}.log"
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if log.exists() and log.read_text().count("Receiving: train message") >= server_round:
+                killed["code"] = deployment.stop_service(name)
+                return
+            time.sleep(0.2)
+
+    return during
+
+
+def test_losing_a_supernode_mid_run(benchmark, tmp_path):
+    """supernode-2 stops while it trains in the last round: that round aggregates the other
+    two, the loss is logged and recorded for partition 2, and the run completes."""
+    run_dir = tmp_path / "deploy"
+    killed: dict = {}
+    code, _ = run_federation(benchmark, run_dir, during=_kill_in_round("supernode-2", 2, killed))
+    flwr_log = (run_dir / "logs" / "flwr-run.log").read_text()
+    assert "code" in killed, "supernode-2 never received its round-2 train message"
+    assert code == 0, flwr_log[-3000:]
+    rounds = metrics(run_dir / "results")
+    assert [c.get("error") for c in rounds[1]["clients"]] == [None, None, None]
+    last = rounds[2]["clients"]
+    assert sorted(c["partition-id"] for c in last if "error" not in c) == [0, 1]
+    lost = [c["error"] for c in last if "error" in c]
+    assert len(lost) == 1 and "Node Unavailable" in lost[0]
+    # the server logged the loss: the node's error reply, left out of the aggregate
+    assert lost[0] in flwr_log and "2 usable replies, 1 left out" in flwr_log
+    assert "[Fleet.DeactivateNode]" in (run_dir / "logs" / "superlink.log").read_text()
+    assert rounds[2]["server"]["loss"] < rounds[0]["server"]["loss"]
+
+
+def test_badly_configured_nodes_fail_with_a_clear_message(benchmark, tmp_path):
+    """Two good nodes, one whose shard was modified, one with a partition id out of range:
+    each bad node answers with an error naming the file and the cause, and the run finishes
+    with the good ones instead of hanging."""
+    bench = tmp_path / "bench"
+    shutil.copytree(benchmark, bench)
+    shard = bench / "clients" / "client_00002.parquet"
+    shard.write_bytes(shard.read_bytes() + b"tampered")
+    doc = compose.compose_spec(4)
+    for i, partition_id in enumerate([0, 1, 2, 7]):
+        command = doc["services"][f"supernode-{i}"]["command"]
+        command[command.index("--node-config") + 1] = compose.node_config(partition_id, 3)
+    start = time.monotonic()
+    code, _ = run_federation(bench, tmp_path / "deploy", doc=doc, **{"num-server-rounds": 1})
+    flwr_log = (tmp_path / "deploy" / "logs" / "flwr-run.log").read_text()
+    assert code == 0, flwr_log[-3000:]
+    assert time.monotonic() - start < TIMEOUT
+    clients = metrics(tmp_path / "deploy" / "results")[1]["clients"]
+    errors = {c["partition-id"]: c["error"] for c in clients if "error" in c}
+    assert sorted(c["partition-id"] for c in clients if "error" not in c) == [0, 1]
+    assert set(errors) == {2, 7}
+    assert f"{shard}: sha256 does not match the manifest" in errors[2]
+    assert f"{bench / 'manifest.json'}: no client 7 (it has 3)" in errors[7]
+    assert "2 usable replies, 2 left out" in flwr_log
+    for reason in errors.values():
+        assert reason in flwr_log
+
+
+def test_ctrl_c_stops_every_process(benchmark, tmp_path):
+    """Ctrl-C while the federation comes up: every process started is gone afterwards."""
+    run_dir = tmp_path / "deploy"
+    cmd = [sys.executable, "-m", "fedpsg.deploy", "local", "--benchmark", str(benchmark),
+           "--run-dir", str(run_dir), "--rounds", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not (run_dir / "logs" / "clientapp-2.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out.decode()[-2000:]
+    services = json.loads((run_dir / "deployment.json").read_text())["services"]
+    started = {name: s["pid"] for name, s in services.items() if s["pid"] is not None}
+    assert len(started) == 8
+    assert [name for name, pid in started.items() if _alive(pid)] == []
+
+
+def test_cli_refuses_a_missing_benchmark(tmp_path):
+    result = CliRunner().invoke(
+        cli, ["local", "--benchmark", str(tmp_path / "none"), "--run-dir", str(tmp_path)]
+    )
+    assert result.exit_code != 0
+    assert "none is not a folder" in result.output
+    assert not (tmp_path / "logs").exists()  # nothing was started
