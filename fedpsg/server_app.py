@@ -180,8 +180,13 @@ class PartitionGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Send, receive, and remember every reply's metrics or error."""
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        """Send, receive, and remember every reply's metrics or error. Replies come back in
+        partition order, whatever order they arrived in, so aggregation sums in a fixed order
+        and a replay is bit-identical."""
+        replies = sorted(
+            self.grid.send_and_receive(messages, timeout=timeout),
+            key=lambda reply: self.partitions.get(reply.metadata.src_node_id, -1),
+        )
         for reply in replies:
             entry = {
                 "partition-id": self.partitions.get(reply.metadata.src_node_id, -1),
