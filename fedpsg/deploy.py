@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from fedpsg import compose
 from fedpsg.certs import make_certificates
@@ -393,11 +394,18 @@ def local(
     overrides = {"num-server-rounds": rounds, **_parse_overrides(config or [])}
     run_config = app_run_config(local_paths(benchmark.resolve(), run_dir, certs), overrides)
     ca = certs / "ca.crt" if tls and certs is not None else None
-    with Deployment(plan, run_dir, root_certificates=ca) as deployment:
-        typer.echo(f"starting {len(plan.services)} services; logs in {deployment.logs}")
-        deployment.start()
-        deployment.wait_for_nodes(nodes)
-        code = deployment.run(ROOT, run_config, timeout=timeout)
+    console = Console(stderr=True)
+    try:
+        with Deployment(plan, run_dir, root_certificates=ca) as deployment:
+            console.print(f"{len(plan.services)} services; logs in {deployment.logs}")
+            with console.status(f"starting {', '.join(plan.services)}"):
+                deployment.start()
+            with console.status(f"waiting for {nodes} SuperNodes"):
+                deployment.wait_for_nodes(nodes)
+            code = deployment.run(ROOT, run_config, timeout=timeout)
+    except DeploymentError as exc:
+        console.print(f"[red]deployment failed:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
     typer.echo(f"run {'completed' if code == 0 else f'failed ({code})'}; outputs in {run_dir}")
     summary = run_dir / "results" / "summary.md"
     if summary.exists():

@@ -26,6 +26,7 @@ from fedpsg import compose
 from fedpsg.deploy import (
     COMPOSE_FILE,
     Deployment,
+    DeploymentError,
     app_run_config,
     cli,
     local_paths,
@@ -217,10 +218,23 @@ def test_ctrl_c_stops_every_process(benchmark, tmp_path):
     assert [name for name, pid in started.items() if _alive(pid)] == []
 
 
+def test_a_service_that_cannot_start_is_named_and_nothing_is_left(tmp_path):
+    doc = compose.compose_spec(1)
+    doc["services"]["superlink"]["command"].append("--no-such-flag")
+    plan = compose.localize(doc, local_paths(tmp_path, tmp_path / "run"), free_port)
+    deployment = Deployment(plan, tmp_path / "run")
+    expected = r"(?s)service 'superlink'.*--no-such-flag"
+    with pytest.raises(DeploymentError, match=expected), deployment:
+        deployment.start()
+    assert [n for n, p in deployment.processes.items() if _alive(p.pid)] == []
+
+
 def test_cli_refuses_a_missing_benchmark(tmp_path):
     result = CliRunner().invoke(
-        cli, ["local", "--benchmark", str(tmp_path / "none"), "--run-dir", str(tmp_path)]
+        cli,
+        ["local", "--benchmark", str(tmp_path / "none"), "--run-dir", str(tmp_path)],
+        env={"COLUMNS": "400"},
     )
     assert result.exit_code != 0
-    assert "none is not a folder" in result.output
+    assert f"{tmp_path / 'none'} is not a folder" in result.output
     assert not (tmp_path / "logs").exists()  # nothing was started
