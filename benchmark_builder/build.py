@@ -271,6 +271,10 @@ def build_benchmark(
     timer = Timer(on_stage)
     with timer.stage("load"):
         dataset = load_psg(psg, images_root)
+        if not 1 <= config.num_clusters <= len(dataset.images):
+            raise PartitionError(
+                f"{psg}: {len(dataset.images)} images cannot form {config.num_clusters} clusters"
+            )
         featurizer = build_featurizer(config.featurizer, **config.featurizer_options)
     semantics = featurize_and_cluster(dataset, featurizer, config.num_clusters, config.seed, timer)
     with timer.stage("partition"):

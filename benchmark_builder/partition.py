@@ -101,7 +101,7 @@ class SemanticPartitioner(Partitioner):
     def partition_indices(self) -> list[np.ndarray]:
         """Row indices of every partition (computed once, on first use)."""
         if self._indices is None:
-            labels = np.asarray(self.dataset[self.partition_by])
+            labels = np.asarray(self.dataset[self.partition_by][:])  # [:]: one bulk read
             self._indices = self._assign(labels)
         return self._indices
 
@@ -130,12 +130,14 @@ class SemanticPartitioner(Partitioner):
 
     def _flwr_assign(self, labels: np.ndarray) -> list[np.ndarray]:
         """Delegate to flwr-datasets on a (dense cluster id, row index) helper dataset."""
-        dense = np.unique(labels, return_inverse=True)[1]
-        helper = datasets.Dataset.from_dict({"cluster": dense, "row": np.arange(len(labels))})
+        rows = np.arange(len(labels))
         n, k = self._num_partitions, self.method
+        if k == "iid":  # IidPartitioner splits contiguously: shuffle first
+            rows = np.random.default_rng(self.seed).permutation(rows)
+        dense = np.unique(labels, return_inverse=True)[1]
+        helper = datasets.Dataset.from_dict({"cluster": dense[rows], "row": rows})
         if k == "iid":
             inner: Partitioner = IidPartitioner(n)
-            helper = helper.shuffle(seed=self.seed).flatten_indices()
         elif k == "dirichlet":
             inner = DirichletPartitioner(
                 n, "cluster", self.alpha, min_partition_size=self.min_partition_size, seed=self.seed
@@ -147,7 +149,7 @@ class SemanticPartitioner(Partitioner):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return [np.asarray(inner.load_partition(i)["row"], np.int64) for i in range(n)]
+                return [np.asarray(inner.load_partition(i)["row"][:], np.int64) for i in range(n)]
         except ValueError as error:
             raise PartitionError(
                 f"{k} partition with alpha={self.alpha} could not give all {n} clients at least"
