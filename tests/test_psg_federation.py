@@ -158,7 +158,8 @@ def test_a_tampered_shard_is_an_error_reply_and_the_round_goes_on(benchmark_dir,
     shard = bench / "clients" / "client_00002.parquet"
     shard.write_bytes(shard.read_bytes()[:-64] + bytes(64))
     out = tmp_path / "out"
-    InProcessFederation(run_config(bench, out, **{"num-server-rounds": 1})).run()
+    config = run_config(bench, out, **{"num-server-rounds": 1, "local-epochs": 1})
+    InProcessFederation(config).run()
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     failures = [c for c in rounds[1]["clients"] if "error" in c]
     assert [c["partition-id"] for c in failures] == [2]
@@ -170,14 +171,10 @@ def test_a_tampered_shard_is_an_error_reply_and_the_round_goes_on(benchmark_dir,
 
 
 def test_a_seeded_run_replays_exactly_and_samples_by_partition(benchmark_dir, tmp_path):
-    def run(out: Path, seed: int) -> list[dict]:
-        config = run_config(
-            benchmark_dir,
-            out,
-            strategy="scaffold",
-            seed=seed,
-            **{"num-server-rounds": 2, "fraction-train": 0.6, "min-train-nodes": 3},
-        )
+    def run(out: Path) -> list[dict]:
+        options = {"num-server-rounds": 2, "fraction-train": 0.6, "min-train-nodes": 3}
+        config = run_config(benchmark_dir, out, strategy="scaffold", **options)
+        config["local-epochs"] = 1
         federation = InProcessFederation(config)
         federation.run()
         # SCAFFOLD's client control variate lives in the node's context.state
@@ -188,7 +185,7 @@ def test_a_seeded_run_replays_exactly_and_samples_by_partition(benchmark_dir, tm
             assert has_state == (context.node_config["partition-id"] in trained)
         return rounds
 
-    first, again = run(tmp_path / "a", 0), run(tmp_path / "b", 0)
+    first, again = run(tmp_path / "a"), run(tmp_path / "b")
     sampled = [[c["partition-id"] for c in r["clients"]] for r in first]
     assert [len(s) for s in sampled] == [0, 3, 3]
     assert sampled == [[c["partition-id"] for c in r["clients"]] for r in again]
