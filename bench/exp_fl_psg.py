@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 
 from benchmark_builder.build import BuildConfig, build_benchmark
-from fedpsg.centralized import budget_epochs, run_centralized
+from fedpsg.centralized import budget_epochs, run_centralized, write_outputs
 from fedpsg.simulate import APP_DIR, simulate
 
 DATA = APP_DIR.parent / "shared" / "data"
@@ -81,6 +81,18 @@ def run_config(bench: Path, args: argparse.Namespace) -> dict:
     }
 
 
+def centralized(root: Path, args: argparse.Namespace, epochs: int) -> list[dict]:
+    """The CL run's per-epoch history (run once, then read from runs/exp_fl_psg/cl). The
+    train/test split precedes partitioning, so every partition's benchmark pools the same
+    training images; the first is used."""
+    out = root / "cl"
+    if not (out / "metrics.json").exists():
+        name = next(iter(PARTITIONS))
+        bench = benchmark(root, name, PARTITIONS[name], args)
+        write_outputs(run_centralized(run_config(bench, args), epochs), out)
+    return json.loads((out / "metrics.json").read_text())
+
+
 def heterogeneity(bench: Path) -> dict:
     het = json.loads((bench / "manifest.json").read_text())["heterogeneity"]
     return {"cluster_jsd": het["cluster_jsd"], "predicate_jsd": het["predicate_jsd"]}
@@ -124,7 +136,7 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=5)
     parser.add_argument("--test-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS))
+    parser.add_argument("--partitions", nargs="*", default=list(PARTITIONS), choices=PARTITIONS)
     args = parser.parse_args()
     root = args.out.resolve()
     cl_epochs = budget_epochs(args.rounds, args.per_round, args.clients, args.epochs)
@@ -158,9 +170,7 @@ def main() -> None:
         console.print((out / "comparison.md").read_text())
         write_results(payload)
     console.rule(f"CL ({time.monotonic() - start:.0f} s)")
-    bench = benchmark(root, args.partitions[0], PARTITIONS[args.partitions[0]], args)
-    result = run_centralized(run_config(bench, args), cl_epochs)
-    last = result.history[-1]
+    last = centralized(root, args, cl_epochs)[-1]
     payload["rows"].append(
         {"partition": "pooled", "cluster_jsd": None, "predicate_jsd": None, "method": "CL",
          **{m: last[m] for m in METRICS}}
