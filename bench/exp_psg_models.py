@@ -4,10 +4,11 @@ Frequency baseline, IMP, MOTIFS, VCTree and GPS-Net in PredCls on labels + box g
 annotations carry no pixels), all with one small fixed budget: the same seeded train/test
 split of the 24,378 annotated images (the official PSG test images ship without annotations),
 the same epochs, SGD settings, batch size and seed. The frequency baseline is the predicate
-prior counted on the training split, untrained; every other model starts its frequency table
-from that prior too. Reports R@20/50/100 and mR@20/50/100 (graph-constrained), each model's
-R@50 and mR@50 as a ratio to the frequency baseline of the same run, and parameter counts
-beside FL-PSG's (their heads run on 4096-d visual features; ours on labels and geometry).
+prior counted on the training split, untrained; every model with a frequency table (all but
+IMP) starts it from that prior. Reports R@20/50/100 and mR@20/50/100 (graph-constrained),
+each model's R@50 and mR@50 as a ratio to the frequency baseline of the same run, and
+parameter counts beside FL-PSG's (their heads run on 4096-d visual features; ours on labels
+and geometry).
 
 Models train in parallel worker processes (one thread each, `--jobs`), forked after the data
 is featurised once.

@@ -213,7 +213,7 @@ class VCTree(RelationModel):
         self.object_tree = BiTreeLSTM(node_dim, hidden_dim)
         self.object_classify = nn.Linear(2 * hidden_dim, spec.num_classes)
         self.edge_tree = BiTreeLSTM(2 * hidden_dim + embed_dim, hidden_dim)
-        # Normalised edge context keeps the three-way product below from starting near zero.
+        # TreeLSTM states are small (|h| < 1); normalised, they drive the pair layer from step one.
         self.edge_norm = nn.LayerNorm(2 * hidden_dim)
         self.subject_proj = nn.Linear(2 * hidden_dim, hidden_dim)
         self.object_proj = nn.Linear(2 * hidden_dim, hidden_dim)
