@@ -14,10 +14,14 @@ round. Three ways of running it, timed in the same process, one after another:
   with 1 CPU per ClientApp two clients train side by side on 2 cores, with 2 CPUs one at a
   time, like the loop.
 
-Reported per setting: wall time of the whole command (start-up included), wall time of the
-rounds alone (from the first to the last server evaluation, as the run records them), and
-both as ratios to the loop. Run: `python -m bench.bench_simulation_overhead` (~10 minutes on
-2 cores). Writes bench/results/simulation_overhead.json and .md.
+Torch runs one intra-op thread in this process, as Ray gives a 1-CPU actor (OMP_NUM_THREADS=1):
+tiny scene graphs train faster on one thread, and the comparison would otherwise time thread
+settings, not Flower. Reported per setting: wall time of the whole command (start-up
+included), wall time of the rounds alone (from the first to the last server evaluation, as
+the run records them), and both as ratios to the loop.
+
+Run: `python -m bench.bench_simulation_overhead` (~20 minutes on 2 loaded cores). Writes
+bench/results/simulation_overhead.json and .md.
 """
 
 from __future__ import annotations
@@ -159,6 +163,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedpsg-overhead-") as tmp:
         root = Path(tmp)
