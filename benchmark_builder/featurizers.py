@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,15 +51,10 @@ class Featurizer(Protocol):
 FEATURIZERS: dict[str, type] = {}
 
 
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator adding a featurizer to ``FEATURIZERS`` under ``name``."""
-
-    def add(cls: type) -> type:
-        cls.name = name
-        FEATURIZERS[name] = cls
-        return cls
-
-    return add
+def register(cls: type) -> type:
+    """Class decorator adding a featurizer to ``FEATURIZERS`` under its ``name``."""
+    FEATURIZERS[cls.name] = cls
+    return cls
 
 
 def build_featurizer(name: str, **kwargs: Any) -> Featurizer:
@@ -170,7 +165,7 @@ class EmbeddingCache:
         os.replace(tmp, self.path)
 
 
-@register("embedding")
+@register
 class EmbeddingFeaturizer:
     """Sentence-embedding featurizer of triplet texts.
 
@@ -272,7 +267,7 @@ class EmbeddingFeaturizer:
         return self.fit(dataset).transform(dataset)
 
 
-@register("category-map")
+@register
 class CategoryMapFeaturizer:
     """FL-PSG's count tensor: subject super-category x object super-category x predicate group.
 

@@ -193,4 +193,4 @@ def import_flpsg(
     }
     with timer.stage("export"), atomic_directory(out, overwrite) as tmp:
         manifest = write_benchmark(tmp, dataset, semantics, parts, test, partition)
-    return BuildResult(manifest, timer.timings)
+    return timer.result(manifest)
