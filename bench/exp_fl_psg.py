@@ -140,6 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.out.resolve()
     cl_epochs = budget_epochs(args.rounds, args.per_round, args.clients, args.epochs)
+    fl_epochs = args.rounds * args.per_round * args.epochs / args.clients
     payload = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "setting": (
@@ -148,7 +149,8 @@ def main() -> None:
             f"{args.batch_size}, MOTIFS PredCls on labels + geometry, FedProx mu "
             f"{args.proximal_mu}, FedSAM rho {args.rho}, {args.clusters} FL-PSG category-map "
             f"clusters, test fraction {args.test_fraction}, seed {args.seed}; CL: "
-            f"{cl_epochs} epoch(s) on the pooled training images (same passes over the data)"
+            f"{cl_epochs} epoch(s) on the pooled training images (the federation passes "
+            f"{fl_epochs:.2g} epochs' worth of images; CL trains whole epochs, at least one)"
         ),
         "args": {k: str(v) for k, v in vars(args).items()},
         "rows": [],
