@@ -115,6 +115,12 @@ def test_heterogeneity_rises_as_alpha_falls_on_synthetic_data(tmp_path: Path) ->
     assert cluster == sorted(cluster) and cluster[0] < 0.02 and cluster[-1] > 0.2, cluster
     assert result.manifest["heterogeneity"]["cluster_jsd"] < cluster[-1]
 
+    config.alpha, config.target_index, config.alpha_sweep = None, 0.15, ()
+    searched = build_benchmark(psg, tmp_path / "searched", config).manifest
+    assert searched["heterogeneity"]["cluster_jsd"] == searched["partition"]["achieved_index"]
+    assert searched["partition"]["achieved_index"] == pytest.approx(0.15, abs=0.02)
+    assert ALPHAS[-1] < searched["partition"]["alpha"] < ALPHAS[0]
+
 
 def test_partitioner_plugs_into_federated_dataset(tmp_path: Path, synthetic_psg: Path) -> None:
     config = BuildConfig(
