@@ -85,7 +85,7 @@ def client_worker(unet: str, size: int, batch: int, start_at: float, seconds: fl
 def clients_per_gpu(unet: str, size: int, batch: int, counts: list[int], seconds: float) -> list:
     rows = []
     for k in counts:
-        start_at = time.time() + 25
+        start_at = time.time() + 20
         cmd = [sys.executable, "-m", "bench.bench_diffusion_throughput", "--client-worker"]
         args = [unet, str(size), str(batch), str(start_at), str(seconds)]
         procs = [

@@ -44,7 +44,6 @@ ARMS: dict[str, dict] = {
     "sam-0.2": {"algorithm": "fedsam", "rho": 0.2},
     "sam-0.5": {"algorithm": "fedsam", "rho": 0.5},
     "sam-1.0": {"algorithm": "fedsam", "rho": 1.0},
-    "sam-0.2+ema": {"algorithm": "fedsam", "rho": 0.2, "average": "ema"},
     "sam-0.5+ema": {"algorithm": "fedsam", "rho": 0.5, "average": "ema"},
 }
 SIGMAS = (0.005, 0.01, 0.02, 0.05)
@@ -55,22 +54,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=["central", "federated"], default="central")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
-    p.add_argument("--rounds", type=int, default=250, help="rounds (= epochs over the data)")
+    p.add_argument("--rounds", type=int, default=60, help="rounds (= epochs over the data)")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha over labels")
     p.add_argument("--unet", default="small")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=128, help="centralized batch size")
-    p.add_argument("--client-batch-size", type=int, default=64)
+    p.add_argument("--client-batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--ema-decay", type=float, default=0.99, help="per round")
     p.add_argument("--diffusion-steps", type=int, default=1000)
-    p.add_argument("--fid-samples", type=int, default=2000)
+    p.add_argument("--fid-samples", type=int, default=1000)
     p.add_argument("--fid-reference", type=int, default=0, help="reference images (0 = all)")
     p.add_argument("--hessian-batch", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parallel", type=int, default=9, help="worker processes sharing the GPU")
+    p.add_argument("--parallel", type=int, default=8, help="worker processes sharing the GPU")
+    p.add_argument("--deadline", type=float, default=0, help="stop unfinished arms after s")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -147,13 +147,13 @@ def evaluate_arm(args: argparse.Namespace, model, train, test, device) -> dict:
     n = args.fid_samples
     grid = None
     for steps in (20, 100):
-        fake = sample(model, scheduler, n, steps, seed=args.seed)
+        fake = torch.nan_to_num(sample(model, scheduler, n, steps, seed=args.seed))
         out[f"fid_{steps}"] = fid(fake)
         grid = fake[:64]
     for bits in BITS:
         q = quantize_weights(model, bits)
         out[f"test_loss_q{bits}"] = mean_loss(q, loss, fixed)
-        out[f"fid_20_q{bits}"] = fid(sample(q, scheduler, n, 20, seed=args.seed))
+        out[f"fid_20_q{bits}"] = fid(torch.nan_to_num(sample(q, scheduler, n, 20, seed=args.seed)))
     for steps in (20, 100):
         eb = exposure_bias(model, scheduler, test.images, steps, seed=args.seed)
         out[f"exposure_{steps}"] = eb.as_dict()
@@ -178,8 +178,8 @@ def worker(args: argparse.Namespace) -> None:
     metrics, grid = evaluate_arm(args, model, train, test, device)
     info["eval_seconds"] = time.perf_counter() - start
     tmp = args.out / f".{args.setting}-{name}"
-    np.save(tmp.with_suffix(".npy"), grid)
-    tmp.with_suffix(".json").write_text(json.dumps({"arm": name, **ARMS[name], **info, **metrics}))
+    np.save(f"{tmp}.npy", grid)
+    Path(f"{tmp}.json").write_text(json.dumps({"arm": name, **ARMS[name], **info, **metrics}))
 
 
 def _table(rows: list[dict]) -> str:
@@ -253,6 +253,12 @@ def main(argv: list[str] | None = None) -> None:
                 name = pending.pop(0)
                 running[name] = subprocess.Popen([*base_cmd, "--worker", name], env=os.environ)
             time.sleep(1)
+            if args.deadline and time.perf_counter() - start > args.deadline:
+                failed += pending
+                bar.update(len(pending))
+                pending = []
+                for proc in running.values():
+                    proc.kill()
             for name, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[name]
@@ -264,10 +270,10 @@ def main(argv: list[str] | None = None) -> None:
         tmp = args.out / f".{args.setting}-{name}"
         if name in failed:
             continue
-        rows.append(json.loads(tmp.with_suffix(".json").read_text()))
-        grids.append(np.load(tmp.with_suffix(".npy")))
-        tmp.with_suffix(".json").unlink()
-        tmp.with_suffix(".npy").unlink()
+        rows.append(json.loads(Path(f"{tmp}.json").read_text()))
+        grids.append(np.load(f"{tmp}.npy"))
+        Path(f"{tmp}.json").unlink()
+        Path(f"{tmp}.npy").unlink()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     stem = args.out / f"diffusion_flatness_{args.setting}"
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

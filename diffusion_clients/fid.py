@@ -42,14 +42,16 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features on the device of `images`; Inception itself runs where the module is."""
+        device = next(self.net.parameters()).device
         feats = []
         lo, hi = INPUT_RANGE
         for chunk in images.split(self.batch_size):
-            x = chunk.float()
+            x = chunk.to(device).float()
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            feats.append(self.net(x.clamp(0, 1) * (hi - lo) + lo).flatten(1))
+            feats.append(self.net(x.clamp(0, 1) * (hi - lo) + lo).flatten(1).to(images.device))
         return torch.cat(feats)
 
 
@@ -60,6 +62,10 @@ def _extractor(device: str) -> InceptionFeatures:
 
 class FIDScorer:
     """FID of image sets against one reference set, whose features are computed once.
+
+    Inception runs on `device`; the feature statistics and the matrix square root stay on the
+    CPU in float64 (GPU eigen-solvers fail on these 2048 x 2048 products when several
+    processes share a card).
 
     Parameters
     ----------
@@ -78,12 +84,12 @@ class FIDScorer:
         self.batch_size = batch_size
         self.metric = FrechetInceptionDistance(
             feature=_extractor(str(self.device)), normalize=True, reset_real_features=False
-        ).to(self.device)
+        )
         self._update(real, real=True)
 
     def _update(self, images: torch.Tensor, real: bool) -> None:
         for chunk in images.split(self.batch_size):
-            self.metric.update(((chunk.to(self.device) + 1) / 2).clamp(0, 1), real=real)
+            self.metric.update(((chunk.to(self.device) + 1) / 2).clamp(0, 1).cpu(), real=real)
 
     def __call__(self, fake: torch.Tensor) -> float:
         """FID between the reference and `fake` (images in [-1, 1])."""
