@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -47,7 +48,9 @@ def friendly_errors() -> Iterator[None]:
     try:
         yield
     except INPUT_ERRORS as error:
-        err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
 
 
