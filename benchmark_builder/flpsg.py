@@ -94,9 +94,7 @@ def read_flpsg(
         raise PSGFormatError(folder, None, "<folder>", "a folder of User{i}.json files")
     users = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := USER_FILE.match(p.name)))
     if [i for i, _ in users] != list(range(len(users))) or not users:
-        raise PSGFormatError(
-            folder, None, "<folder>", "User0.json ... User{n-1}.json with no gaps"
-        )
+        raise PSGFormatError(folder, None, "<folder>", "User0.json ... User{n-1}.json with no gaps")
     files = [p for _, p in users] + ([folder / TEST_JSON] if (folder / TEST_JSON).is_file() else [])
     parsed = [load_psg(path, images_root) for path in files]
     first, images, owner = parsed[0], [], {}
