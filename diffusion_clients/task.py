@@ -23,6 +23,8 @@ from diffusion_clients.sampling import make_scheduler, sample
 from diffusion_clients.train import DenoisingLoss, NoisyBatches, mean_loss
 from strategies.base import ArrayDict, ClientHalf, train_local
 
+Config = Mapping[str, bool | int | float | str]
+
 DEFAULTS: dict[str, bool | int | float | str] = {
     "data": "digits",
     "image-size": 16,
@@ -47,11 +49,11 @@ class ClientImages:
     partition_id: int
 
 
-def _get(config: Mapping[str, bool | int | float | str], key: str):
+def _get(config: Config, key: str) -> bool | int | float | str:
     return config.get(key, DEFAULTS[key])
 
 
-def _device(config) -> torch.device:
+def _device(config: Config) -> torch.device:
     name = str(_get(config, "device"))
     return torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
@@ -59,14 +61,16 @@ def _device(config) -> torch.device:
 
 
 @lru_cache(maxsize=4)
-def _split(spec: str, image_size: int, test_fraction: float, seed: int):
+def _split(
+    spec: str, image_size: int, test_fraction: float, seed: int
+) -> tuple[imgdata.ImageSet, imgdata.ImageSet]:
     return imgdata.train_test_split(imgdata.load_images(spec, image_size), test_fraction, seed)
 
 
 class DiffusionTask:
     """Denoising diffusion (DDPM objective on a diffusers UNet) on federated image splits."""
 
-    def build_model(self, config) -> nn.Module:
+    def build_model(self, config: Config) -> nn.Module:
         spec = str(_get(config, "data"))
         return build_unet(
             str(_get(config, "unet")),
@@ -75,12 +79,14 @@ class DiffusionTask:
             seed=int(_get(config, "seed")),
         )
 
-    def _benchmark(self, config) -> Path | None:
+    def _benchmark(self, config: Config) -> Path | None:
         kind, _, where = str(_get(config, "data")).partition(":")
         root = Path(where)
         return root if kind == "parquet" and (root / "manifest.json").is_file() else None
 
-    def load_partition(self, config, partition_id: int, num_partitions: int) -> ClientImages:
+    def load_partition(
+        self, config: Config, partition_id: int, num_partitions: int
+    ) -> ClientImages:
         size = int(_get(config, "image-size"))
         root = self._benchmark(config)
         if root is not None:
@@ -95,14 +101,14 @@ class DiffusionTask:
         )
         return ClientImages(train.subset(parts[partition_id]), partition_id)
 
-    def load_test(self, config) -> imgdata.ImageSet:
+    def load_test(self, config: Config) -> imgdata.ImageSet:
         root = self._benchmark(config)
         if root is not None:
             shard = imgdata.benchmark_shard(root, None)
             return imgdata.load_parquet_set(shard, int(_get(config, "image-size")), 3)
         return self._splits(config)[1]
 
-    def _splits(self, config):
+    def _splits(self, config: Config) -> tuple[imgdata.ImageSet, imgdata.ImageSet]:
         return _split(
             str(_get(config, "data")),
             int(_get(config, "image-size")),
@@ -115,7 +121,7 @@ class DiffusionTask:
         model: nn.Module,
         data: ClientImages,
         half: ClientHalf,
-        config,
+        config: Config,
         incoming: Mapping[str, ArrayDict],
         state: dict[str, ArrayDict],
     ) -> tuple[int, dict[str, float], dict[str, ArrayDict]]:
@@ -148,7 +154,7 @@ class DiffusionTask:
         return len(data.images), {"train_loss": loss}, outgoing
 
     def evaluate(
-        self, model: nn.Module, data: imgdata.ImageSet, config
+        self, model: nn.Module, data: imgdata.ImageSet, config: Config
     ) -> tuple[int, dict[str, float]]:
         """Held-out denoising loss on one fixed draw; FID too when `eval-fid-samples` > 0."""
         device = _device(config)
