@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=5)
     parser.add_argument("--test-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cl", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--partitions", nargs="*", default=list(PARTITIONS), choices=PARTITIONS)
     args = parser.parse_args()
     root = args.out.resolve()
@@ -148,9 +149,13 @@ def main() -> None:
             f"{args.epochs} local epoch(s), SGD lr {args.lr} momentum {args.momentum}, batch "
             f"{args.batch_size}, MOTIFS PredCls on labels + geometry, FedProx mu "
             f"{args.proximal_mu}, FedSAM rho {args.rho}, {args.clusters} FL-PSG category-map "
-            f"clusters, test fraction {args.test_fraction}, seed {args.seed}; CL: "
-            f"{cl_epochs} epoch(s) on the pooled training images (the federation passes "
-            f"{fl_epochs:.2g} epochs' worth of images; CL trains whole epochs, at least one)"
+            f"clusters, test fraction {args.test_fraction}, seed {args.seed}; "
+            + (
+                f"CL: {cl_epochs} epoch(s) on the pooled training images (the federation "
+                f"passes {fl_epochs:.2g} epochs' worth of images; CL trains whole epochs)"
+                if args.cl
+                else "no CL row in this run"
+            )
         ),
         "args": {k: str(v) for k, v in vars(args).items()},
         "rows": [],
@@ -171,12 +176,13 @@ def main() -> None:
             payload["rows"].append({**row, **{m: final[method][m] for m in METRICS}})
         console.print((out / "comparison.md").read_text())
         write_results(payload)
-    console.rule(f"CL ({time.monotonic() - start:.0f} s)")
-    last = centralized(root, args, cl_epochs)[-1]
-    payload["rows"].append(
-        {"partition": "pooled", "cluster_jsd": None, "predicate_jsd": None, "method": "CL",
-         **{m: last[m] for m in METRICS}}
-    )  # fmt: skip
+    if args.cl:
+        console.rule(f"CL ({time.monotonic() - start:.0f} s)")
+        last = centralized(root, args, cl_epochs)[-1]
+        payload["rows"].append(
+            {"partition": "pooled", "cluster_jsd": None, "predicate_jsd": None, "method": "CL",
+             **{m: last[m] for m in METRICS}}
+        )  # fmt: skip
     payload["wall_s"] = round(time.monotonic() - start, 1)
     write_results(payload)
     console.print((RESULTS / "fl_psg.md").read_text())
