@@ -64,14 +64,15 @@ def strategy_kwargs(
     """Keyword arguments of `strategies.server_strategy` for this run, limited to the
     `accepted` options of the chosen algorithm (FedProx's mu means nothing to SCAFFOLD).
 
-    Every node must be connected before the first round (`min_available_nodes`), so the
-    sampled clients depend only on the seed, never on who connected first. A server EMA
-    decay or SWA start of 0 means none.
+    The ServerApp waits for every partition before round 1 (`discover_partitions`), so the
+    sampled clients depend only on the seed, never on who connected first. Later rounds
+    need only `min_train_nodes` connected (`min_available_nodes`), so a node lost mid-run
+    does not stall the federation. A server EMA decay or SWA start of 0 means none.
     """
     kwargs = {arg: config[key] for key, arg in STRATEGY_OPTIONS.items() if key in config}
     kwargs["min_train_nodes"] = min(int(kwargs.get("min_train_nodes", 1)), num_nodes)
     kwargs["min_evaluate_nodes"] = 1 if float(kwargs.get("fraction_evaluate", 0.0)) > 0 else 0
-    kwargs["min_available_nodes"] = num_nodes
+    kwargs["min_available_nodes"] = kwargs["min_train_nodes"]
     kwargs["ema_decay"] = float(kwargs.get("ema_decay", 0.0)) or None
     kwargs["swa_start"] = int(kwargs.get("swa_start", 0)) or None
     kwargs["checkpoint_dir"] = str(out_dir / "checkpoints") if config.get("checkpoint") else None

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpsg.federation import output_dir, seed_everything, strategy_kwargs
 from fedpsg.run_outputs import RunRecorder, write_comparison
 from fedpsg.task import Task, load_task
-from strategies import _load, _options, server_strategy
+from strategies import server_options, server_strategy
 
 PARTITION = "partition"  # ConfigRecord key of the QUERY reply
 
@@ -82,7 +82,7 @@ def run_strategy(
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     name = str(config["strategy"])
-    kwargs = strategy_kwargs(config, len(grid.partitions), out_dir, strategy_options(name))
+    kwargs = strategy_kwargs(config, len(grid.partitions), out_dir, server_options(name))
     strategy = server_strategy(name, **kwargs)
     random.seed(seed)  # the strategy samples clients with `random`
     result = strategy.start(
@@ -96,11 +96,6 @@ def run_strategy(
     )
     final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
     recorder.finish(final.to_torch_state_dict())
-
-
-def strategy_options(name: str) -> set[str]:
-    """The keyword options algorithm `name`'s server half accepts."""
-    return _options(_load(name, 0))
 
 
 def discover_partitions(grid: Grid, timeout: float) -> dict[int, int]:

@@ -17,7 +17,14 @@ if TYPE_CHECKING:
 
     from .base import ClientHalf, train_local
 
-__all__ = ["ALGORITHMS", "ClientHalf", "client_half", "server_strategy", "train_local"]
+__all__ = [
+    "ALGORITHMS",
+    "ClientHalf",
+    "client_half",
+    "server_options",
+    "server_strategy",
+    "train_local",
+]
 
 # name -> (module, server half, client half)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -61,6 +68,11 @@ def _options(cls: type) -> set[str]:
     return names
 
 
+def server_options(name: str) -> set[str]:
+    """The keyword options `server_strategy(name, ...)` accepts."""
+    return _options(_load(name, 0))
+
+
 def server_strategy(name: str, **kwargs: Any) -> Strategy:
     """The server half of algorithm `name`, configured by keyword options.
 
@@ -69,14 +81,14 @@ def server_strategy(name: str, **kwargs: Any) -> Strategy:
     (fedprox: proximal_mu; fedsam: rho, adaptive; scaffold: server_lr) and, for every
     algorithm, ema_decay, swa_start, checkpoint_dir and resume.
     """
-    cls = _load(name, 0)
-    unknown = set(kwargs) - _options(cls)
+    accepted = server_options(name)
+    unknown = set(kwargs) - accepted
     if unknown:
         raise TypeError(
             f"{name}: unknown option(s) {', '.join(sorted(unknown))}; "
-            f"accepted: {', '.join(sorted(_options(cls)))}"
+            f"accepted: {', '.join(sorted(accepted))}"
         )
-    return cls(**kwargs)
+    return _load(name, 0)(**kwargs)
 
 
 def client_half(
