@@ -120,6 +120,16 @@ class ObjectEncoder(nn.Module):
         return self.mlp(torch.cat(parts, dim=1))
 
 
+def pair_mlp(spec: ModelSpec, hidden_dim: int, final_relu: bool = True) -> nn.Sequential:
+    """The two-layer encoder every model puts on pair geometry (no union-box pixels here)."""
+    layers: list[nn.Module] = [
+        nn.Linear(spec.pair_geometry_dim, hidden_dim),
+        nn.ReLU(),
+        nn.Linear(hidden_dim, hidden_dim),
+    ]
+    return nn.Sequential(*layers, nn.ReLU()) if final_relu else nn.Sequential(*layers)
+
+
 class LabelEmbedding(nn.Embedding):
     """Class embedding of the ground truth (PredCls) or of the predicted distribution (SGCls)."""
 

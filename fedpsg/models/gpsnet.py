@@ -43,6 +43,7 @@ from fedpsg.models.base import (
     RelationOutput,
     check_mode,
     pair_labels,
+    pair_mlp,
     register,
 )
 from fedpsg.psg_data import SceneBatch
@@ -149,12 +150,7 @@ class GPSNet(RelationModel):
         self.encoder = ObjectEncoder(spec, hidden_dim)
         self.labels = LabelEmbedding(spec.num_classes, embed_dim)
         self.node_proj = nn.Sequential(nn.Linear(hidden_dim + embed_dim, hidden_dim), nn.ReLU())
-        self.pair_encoder = nn.Sequential(
-            nn.Linear(spec.pair_geometry_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-        )
+        self.pair_encoder = pair_mlp(spec, hidden_dim)
         self.steps = nn.ModuleList(
             DirectionAwareMessagePassing(hidden_dim, rank) for _ in range(num_steps)
         )

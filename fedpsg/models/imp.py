@@ -12,6 +12,7 @@ from fedpsg.models.base import (
     RelationModel,
     RelationOutput,
     check_mode,
+    pair_mlp,
     register,
 )
 from fedpsg.psg_data import SceneBatch
@@ -49,12 +50,7 @@ class IMP(RelationModel):
         self.objects = ObjectEncoder(spec, hidden_dim)
         self.embed = LabelEmbedding(spec.num_classes, embed_dim)
         self.node_in = nn.Sequential(nn.Linear(hidden_dim + embed_dim, hidden_dim), nn.ReLU())
-        self.edge_in = nn.Sequential(
-            nn.Linear(spec.pair_geometry_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-        )
+        self.edge_in = pair_mlp(spec, hidden_dim)
         self.node_gru = nn.GRUCell(hidden_dim, hidden_dim)
         self.edge_gru = nn.GRUCell(hidden_dim, hidden_dim)
         # Gates: edge -> its subject, edge -> its object, subject -> edge, object -> edge.

@@ -16,6 +16,7 @@ from fedpsg.models.base import (
     RelationOutput,
     check_mode,
     pair_labels,
+    pair_mlp,
     register,
 )
 from fedpsg.psg_data import GEOMETRY_FEATURES, SceneBatch
@@ -75,11 +76,7 @@ class Motifs(RelationModel):
         )
         self.head_tail = nn.Linear(hidden_dim, 2 * hidden_dim)
         self.post_cat = nn.Linear(2 * hidden_dim, hidden_dim)
-        self.pair_in = nn.Sequential(
-            nn.Linear(spec.pair_geometry_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-        )
+        self.pair_in = pair_mlp(spec, hidden_dim, final_relu=False)
         self.predicate = nn.Linear(hidden_dim, spec.num_predicates + 1)
         # Zero-initialised: an untrained MOTIFS scores exactly as its frequency bias does.
         nn.init.zeros_(self.predicate.weight)

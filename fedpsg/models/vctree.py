@@ -41,6 +41,7 @@ from fedpsg.models.base import (
     RelationOutput,
     check_mode,
     pair_labels,
+    pair_mlp,
     register,
 )
 from fedpsg.psg_data import SceneBatch
@@ -217,11 +218,7 @@ class VCTree(RelationModel):
         self.edge_norm = nn.LayerNorm(2 * hidden_dim)
         self.subject_proj = nn.Linear(2 * hidden_dim, hidden_dim)
         self.object_proj = nn.Linear(2 * hidden_dim, hidden_dim)
-        self.pair_proj = nn.Sequential(
-            nn.Linear(spec.pair_geometry_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-        )
+        self.pair_proj = pair_mlp(spec, hidden_dim, final_relu=False)
         self.classify = nn.Linear(hidden_dim, spec.num_predicates + 1)
         self.frequency = FrequencyBias(spec, freq_prior)
 
