@@ -27,3 +27,28 @@ def synthetic_psg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from benchmark_builder.synthetic import generate_synthetic_psg  # only sessions that use it
 
     return generate_synthetic_psg(tmp_path_factory.mktemp("synthetic") / "psg", 24, seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny graphs: one intra-op thread is faster than two fighting over the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_synthetic_benchmark(
+    root: Path, num_images: int, data_seed: int, with_pixels: bool = True, **build
+) -> Path:
+    """Generate a synthetic PSG dataset under `root` and build a benchmark of it (`root/bench`);
+    `build` holds `BuildConfig` fields."""
+    from benchmark_builder.build import BuildConfig, build_benchmark
+    from benchmark_builder.synthetic import generate_synthetic_psg
+
+    psg = generate_synthetic_psg(root / "synthetic", num_images, seed=data_seed)
+    images_root = psg.parent if with_pixels else None
+    build_benchmark(psg, root / "bench", BuildConfig(**build), images_root)
+    return root / "bench"

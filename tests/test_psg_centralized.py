@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import build_synthetic_benchmark
 from typer.testing import CliRunner
 
-from benchmark_builder.build import BuildConfig, build_benchmark
 from benchmark_builder.shards import image_row
-from benchmark_builder.synthetic import generate_synthetic_psg
 from fedpsg.centralized import app, budget_epochs, run_centralized, write_outputs
 from fedpsg.models import ModelSpec, build_model
 from fedpsg.psg_data import GEOMETRY_DIM, PAIR_GEOMETRY_DIM, scenes_from_rows
@@ -21,21 +20,13 @@ from strategies.base import ClientHalf
 KEYS = [f"{m}@{k}" for m in ("R", "mR") for k in (20, 50, 100)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny graphs: one intra-op thread is faster than two fighting over the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def synthetic_benchmark(tmp_path_factory):
     root = tmp_path_factory.mktemp("psg_cl")
-    psg = generate_synthetic_psg(root / "synthetic", 360, seed=1)
-    build_benchmark(psg, root / "bench", BuildConfig(num_clients=3, seed=0), psg.parent)
-    return root / "bench"
+    return build_synthetic_benchmark(root, 360, 1, num_clients=3, seed=0)
 
 
 def test_motifs_clearly_beats_frequency_on_synthetic(synthetic_benchmark, tmp_path):

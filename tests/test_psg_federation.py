@@ -18,10 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import build_synthetic_benchmark
 from flwr.app import Context, RecordDict
 
-from benchmark_builder.build import BuildConfig, build_benchmark
-from benchmark_builder.synthetic import generate_synthetic_psg
 from fedpsg import client_app, server_app
 from fedpsg.federation import round_seed
 from fedpsg.launch import ManagedProcesses, format_run_config, write_connection
@@ -43,21 +42,15 @@ OUTPUTS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny graphs: one intra-op thread beats two fighting over the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def benchmark_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("federation")
-    psg = generate_synthetic_psg(root / "synthetic", 300, seed=1)
-    build_benchmark(psg, root / "bench", BuildConfig(num_clients=NUM_CLIENTS, alpha=0.5, seed=0))
-    return root / "bench"
+    return build_synthetic_benchmark(
+        root, 300, 1, with_pixels=False, num_clients=NUM_CLIENTS, alpha=0.5, seed=0
+    )
 
 
 def run_config(benchmark_dir: Path, out_dir: Path, **extra) -> dict:

@@ -5,30 +5,20 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import build_synthetic_benchmark
 
-from benchmark_builder.build import BuildConfig, build_benchmark
 from benchmark_builder.shards import BenchmarkError
-from benchmark_builder.synthetic import generate_synthetic_psg
 from fedpsg.psg_data import VisualFeaturizer
 from fedpsg.task import load_task
 from strategies.base import ClientHalf
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny graphs: one intra-op thread is faster than two fighting over the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def benchmark_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("psg_task")
-    psg = generate_synthetic_psg(root / "synthetic", 120, seed=3)
-    build_benchmark(psg, root / "bench", BuildConfig(num_clients=2, seed=0), psg.parent)
-    return root / "bench"
+    return build_synthetic_benchmark(root, 120, 3, num_clients=2, seed=0)
 
 
 def config(benchmark_dir, **extra):
