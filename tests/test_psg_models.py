@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from scene_helpers import NUM_CLASSES, NUM_PREDICATES, VISUAL_DIM, random_scene
 
 from fedpsg.models import MODELS, ModelSpec, build_model
 from fedpsg.psg_data import (
@@ -15,25 +16,8 @@ from fedpsg.psg_data import (
     collate,
     scene_from_row,
     scenes_from_rows,
-    segment_geometry,
 )
 from fedpsg.psg_train import RelationLoss, frequency_prior
-
-NUM_CLASSES, NUM_PREDICATES, VISUAL_DIM = 9, 5, 6
-
-
-def random_scene(rng: np.random.Generator, n: int, r: int, visual: bool) -> Scene:
-    corner = rng.uniform(0, 50, size=(n, 2))
-    boxes = np.concatenate([corner, corner + rng.uniform(1, 50, size=(n, 2))], axis=1)
-    geometry = segment_geometry(boxes, rng.uniform(1, 500, n), rng.random(n) < 0.5, 100, 100)
-    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
-    chosen = rng.permutation(len(pairs))[:r]
-    relations = torch.tensor(
-        [[*pairs[k], rng.integers(NUM_PREDICATES)] for k in chosen], dtype=torch.long
-    ).reshape(-1, 3)
-    labels = torch.from_numpy(rng.integers(NUM_CLASSES, size=n))
-    features = torch.from_numpy(rng.normal(size=(n, VISUAL_DIM))).float() if visual else None
-    return Scene(f"img{n}", labels, geometry, features, relations)
 
 
 def scenes(visual: bool) -> list:

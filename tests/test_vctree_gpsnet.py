@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scene_helpers import NUM_CLASSES, NUM_PREDICATES, VISUAL_DIM, random_scene
 from scipy.sparse.csgraph import minimum_spanning_tree
 
 from benchmark_builder.psg import load_psg
@@ -24,36 +25,14 @@ from fedpsg.psg_data import (
     Scene,
     collate,
     scenes_from_rows,
-    segment_geometry,
 )
 from fedpsg.psg_train import RelationLoss, SceneLoader, evaluate, frequency_prior
 from strategies.base import ClientHalf, train_local
 
-NUM_CLASSES, NUM_PREDICATES, VISUAL_DIM = 9, 5, 6
 NEW_MODELS = ["vctree", "gpsnet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_scene(rng: np.random.Generator, n: int, r: int, visual: bool) -> Scene:
-    corner = rng.uniform(0, 50, size=(n, 2))
-    boxes = np.concatenate([corner, corner + rng.uniform(1, 50, size=(n, 2))], axis=1)
-    geometry = segment_geometry(boxes, rng.uniform(1, 500, n), rng.random(n) < 0.5, 100, 100)
-    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
-    chosen = rng.permutation(len(pairs))[:r]
-    relations = torch.tensor(
-        [[*pairs[k], rng.integers(NUM_PREDICATES)] for k in chosen], dtype=torch.long
-    ).reshape(-1, 3)
-    labels = torch.from_numpy(rng.integers(NUM_CLASSES, size=n))
-    features = torch.from_numpy(rng.normal(size=(n, VISUAL_DIM))).float() if visual else None
-    return Scene(f"img{n}", labels, geometry, features, relations)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ragged_scenes(visual: bool, sizes=((1, 0), (2, 1), (9, 6), (4, 0))) -> list[Scene]:
