@@ -42,6 +42,13 @@ class FeaturizerName(StrEnum):
     category_map = "category-map"
 
 
+# Featurizer options shared by `build` and `import-flpsg`.
+FeaturizerOption = Annotated[FeaturizerName, typer.Option(help="Image featurizer.")]
+CategoryMapOption = Annotated[Path | None, typer.Option(help="FL-PSG category map JSON.")]
+ModelOption = Annotated[str | None, typer.Option(help="sentence-transformers model path or id.")]
+CacheDirOption = Annotated[Path | None, typer.Option(help="Embedding cache folder.")]
+
+
 @contextmanager
 def friendly_errors() -> Iterator[None]:
     """Turn bad-input errors into one stderr line and exit code 1."""
@@ -213,14 +220,10 @@ def build(
     clusters: Annotated[
         int, typer.Option(min=1, help="Number of semantic clusters (KMeans k).")
     ] = 5,
-    featurizer: Annotated[
-        FeaturizerName, typer.Option(help="Image featurizer.")
-    ] = FeaturizerName.embedding,
-    category_map: Annotated[Path | None, typer.Option(help="FL-PSG category map JSON.")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="sentence-transformers model path or id.")
-    ] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Embedding cache folder.")] = None,
+    featurizer: FeaturizerOption = FeaturizerName.embedding,
+    category_map: CategoryMapOption = None,
+    model: ModelOption = None,
+    cache_dir: CacheDirOption = None,
     seed: Annotated[int, typer.Option(help="Seed of clustering, split and partition.")] = 0,
     test_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="Held-out share.")] = 0.1,
     min_size: Annotated[int, typer.Option(min=1, help="Fewest images per client.")] = 1,
@@ -305,14 +308,10 @@ def import_flpsg_command(
         Path | None, typer.Option(help="Take cluster labels from this benchmark folder.")
     ] = None,
     clusters: Annotated[int, typer.Option(min=1, help="KMeans k (when clustering anew).")] = 5,
-    featurizer: Annotated[
-        FeaturizerName, typer.Option(help="Image featurizer.")
-    ] = FeaturizerName.embedding,
-    category_map: Annotated[Path | None, typer.Option(help="FL-PSG category map JSON.")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="sentence-transformers model path or id.")
-    ] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Embedding cache folder.")] = None,
+    featurizer: FeaturizerOption = FeaturizerName.embedding,
+    category_map: CategoryMapOption = None,
+    model: ModelOption = None,
+    cache_dir: CacheDirOption = None,
     images_root: Annotated[Path | None, typer.Option(help="Root of the image files.")] = None,
     seed: Annotated[int, typer.Option(help="KMeans seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing benchmark folder.")] = False,
