@@ -35,18 +35,15 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context, RecordDict
 from rich.console import Console
 from rich.table import Table
 
 from benchmark_builder.build import BuildConfig, build_benchmark
 from benchmark_builder.synthetic import generate_synthetic_psg
-from fedpsg import client_app, server_app
 from fedpsg.federation import client_config, seed_everything
-from fedpsg.simulate import simulate
+from fedpsg.simulate import simulate, simulate_in_process
 from fedpsg.task import load_task
 from strategies import client_half
-from strategies.local_grid import LocalGrid
 from strategies.server import weighted_mean
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,24 +103,7 @@ def plain_loop(config: dict, num_clients: int) -> dict:
 def in_process(config: dict, num_clients: int, out: Path) -> dict:
     """ServerApp + ClientApp through LocalGrid (Flower's Message API, no Ray)."""
     start = time.perf_counter()
-    config = {**config, "out-dir": str(out)}
-    contexts = {
-        node: Context(node, node, {"partition-id": i, "num-partitions": num_clients}, RecordDict(),
-                      config)
-        for i, node in enumerate(range(1, num_clients + 1))
-    }  # fmt: skip
-
-    def handler(node: int):
-        def handle(msg):
-            reply = client_app.app(msg, contexts[node])
-            if reply.has_error():
-                raise RuntimeError(reply.error.reason)
-            return reply.content
-
-        return handle
-
-    grid = LocalGrid({node: handler(node) for node in contexts})
-    server_app.main(grid, Context(0, 0, {}, RecordDict(), config))
+    simulate_in_process(config, num_clients, out)
     return {"total_s": time.perf_counter() - start, **recorded(out)}
 
 

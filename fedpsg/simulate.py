@@ -8,6 +8,11 @@ process, points a connection of the project's `FLWR_HOME` at it, runs `flwr run 
 and stops the SuperLink (and the SuperExec and simulation processes under it) by pid when
 the run ends, fails or is interrupted. The number of virtual SuperNodes is the benchmark's
 `num_clients`.
+
+`--engine in-process` runs the same ServerApp and ClientApp code in this one process, the
+messages going through `strategies.local_grid.LocalGrid` instead of a SuperLink and Ray: no
+start-up cost and one thread, for experiment grids that run many small federations side by
+side (`bench/exp_fl_psg.py`). Same seeds give the same metrics as `flwr run`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Annotated, Any
 
 import tomli_w
 import typer
+from flwr.app import Context, Message, RecordDict
+from flwr.common.config import flatten_dict, get_project_config
 
 from fedpsg.launch import (
     ManagedProcesses,
@@ -98,6 +105,39 @@ def simulate(
         )
 
 
+def simulate_in_process(run_config: Mapping[str, Any], num_supernodes: int, out_dir: Path) -> None:
+    """Run the app's ServerApp and ClientApps in this process through a `LocalGrid`.
+
+    As `flwr run` does, `run_config` overrides the defaults of the app's pyproject.toml.
+    Node `i + 1` holds partition `i`. A ClientApp's error reaches the strategy as an error
+    reply, as it does in a real federation (the strategy leaves that client out).
+    """
+    from fedpsg import client_app, server_app
+    from strategies.local_grid import LocalGrid
+
+    defaults = flatten_dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
+    config = {**defaults, **run_config, "out-dir": str(Path(out_dir).resolve())}
+    contexts = {
+        i + 1: Context(i + 1, i + 1, {"partition-id": i, "num-partitions": num_supernodes},
+                       RecordDict(), config)
+        for i in range(num_supernodes)
+    }  # fmt: skip
+
+    def node(context: Context):
+        def handle(message: Message) -> RecordDict:
+            reply = client_app.app(message, context)
+            if reply.has_error():
+                raise RuntimeError(f"partition {context.node_config['partition-id']}: "
+                                   f"{reply.error.reason}")  # fmt: skip
+            return reply.content
+
+        return handle
+
+    grid = LocalGrid({node_id: node(context) for node_id, context in contexts.items()})
+    server_app.main(grid, Context(0, 0, {}, RecordDict(), config))
+    return contexts
+
+
 @contextlib.contextmanager
 def _connection(flwr_home: Path, name: str, port: int) -> Iterator[None]:
     """A connection in `$FLWR_HOME/config.toml` for the lifetime of one simulation.
@@ -157,6 +197,9 @@ def main(
         list[str] | None, typer.Option("--config", "-c", help="Run config override key=value.")
     ] = None,
     cpus_per_client: Annotated[int, typer.Option(help="Ray CPUs per ClientApp.")] = 1,
+    engine: Annotated[
+        str, typer.Option(help="'ray' (flwr run) or 'in-process' (LocalGrid, no Ray).")
+    ] = "ray",
     flwr_home: Annotated[Path | None, typer.Option(help="FLWR_HOME (default: .flwr).")] = None,
 ) -> None:
     """Simulate a federation over BENCHMARK_DIR's clients and print the final table."""
@@ -173,13 +216,15 @@ def main(
         "model": model,
         **parse_overrides(config or []),
     }
-    code = simulate(
-        run_config,
-        supernodes,
-        out_dir,
-        flwr_home=flwr_home,
-        cpus_per_client=cpus_per_client,
-    )
+    if engine == "in-process":
+        simulate_in_process(run_config, supernodes, out_dir)
+        code = 0
+    elif engine == "ray":
+        code = simulate(
+            run_config, supernodes, out_dir, flwr_home=flwr_home, cpus_per_client=cpus_per_client
+        )
+    else:
+        raise typer.BadParameter(f"--engine {engine!r}: expected 'ray' or 'in-process'")
     summary = out_dir.resolve() / "summary.md"
     if summary.exists():
         typer.echo("\n" + summary.read_text())
