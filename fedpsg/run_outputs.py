@@ -105,7 +105,7 @@ class RunRecorder:
             "| --- | ---: | ---: | ---: |",
         ]
         for name in last["server"]:
-            values = [(r["server"].get(name, math.nan), r["round"]) for r in self.rounds]
+            values = [(r["server"][name], r["round"]) for r in self.rounds if name in r["server"]]
             lower = "loss" in name
             best, at = (min if lower else max)(values, key=lambda v: v[0])
             lines.append(
@@ -184,7 +184,8 @@ def _weighted_mean(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def _progress_line(row: Mapping[str, Any], num_rounds: int) -> str:
     parts = [f"[fedpsg] round {row['round']}/{num_rounds}"]
-    parts.append(" ".join(f"{k} {v:.4f}" for k, v in row["server"].items()))
+    if row["server"]:
+        parts.append(" ".join(f"{k} {v:.4f}" for k, v in row["server"].items()))
     if row["train"]:
         parts.append(" ".join(f"{k} {v:.4f}" for k, v in row["train"].items()))
     failures = sum("error" in c for c in row["clients"])
@@ -225,7 +226,8 @@ def _client_table(clients: pd.DataFrame) -> str:
 def plot_server_metrics(rounds: Sequence[Mapping[str, Any]], path: Path) -> None:
     """One panel per metric family (`R@K`, `mR@K`, ... grouped by the text before `@`),
     one line per K, against the round."""
-    frame = pd.DataFrame([{"round": r["round"], **r["server"]} for r in rounds]).set_index("round")
+    evaluated = [{"round": r["round"], **r["server"]} for r in rounds if r["server"]]
+    frame = pd.DataFrame(evaluated).set_index("round")
     families: dict[str, list[str]] = {}
     for name in frame.columns:
         families.setdefault(name.split("@")[0], []).append(name)

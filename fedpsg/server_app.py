@@ -41,7 +41,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` rounds of each configured strategy, evaluating the global
-    model on the task's test split before the first round and after every round.
+    model on the task's test split before the first round, every `eval-every` rounds and
+    after the last.
 
     `strategy` may list several algorithms ("fedavg,scaffold"): they run one after another
     on the same federation (one simulation start-up), each from the same initial model and
@@ -75,7 +76,12 @@ def run_strategy(
     recorder = RunRecorder(out_dir, config, resume=bool(config.get("resume", False)))
     log(INFO, "[fedpsg] %s: outputs in %s", config["strategy"], out_dir)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    num_rounds, every = int(config["num-server-rounds"]), int(config.get("eval-every", 1))
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round % every and server_round != num_rounds:
+            log(INFO, "%s", recorder.record(server_round, {}, grid.take_results()))
+            return None
         model.load_state_dict(arrays.to_torch_state_dict())
         _, metrics = task.evaluate(model, test_data, config)
         log(INFO, "%s", recorder.record(server_round, metrics, grid.take_results()))
@@ -88,7 +94,7 @@ def run_strategy(
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=int(config["num-server-rounds"]),
+        num_rounds=num_rounds,
         train_config=ConfigRecord(
             {"lr": float(config["lr"]), "local-epochs": int(config["local-epochs"])}
         ),

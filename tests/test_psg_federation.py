@@ -19,14 +19,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import build_synthetic_benchmark
-from flwr.app import Context, RecordDict
 
-from fedpsg import client_app, server_app
 from fedpsg.federation import round_seed
 from fedpsg.launch import ManagedProcesses, format_run_config, write_connection
-from fedpsg.simulate import simulate
+from fedpsg.simulate import simulate, simulate_in_process
 from fedpsg.task import load_task
-from strategies.local_grid import LocalGrid
 
 NUM_CLIENTS = 5
 STRATEGIES = ("fedavg", "fedprox", "fedsam", "scaffold")
@@ -111,38 +108,9 @@ def test_flwr_run_simulates_every_strategy_and_writes_outputs(benchmark_dir, tmp
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
     assert f"fedpsg-sim-{port}" not in (home / "config.toml").read_text()
-
-
-class InProcessFederation:
-    """The ServerApp and ClientApp in this process: one Context per node, kept across
-    rounds as a SuperNode keeps it."""
-
-    def __init__(self, config: dict, num_clients: int = NUM_CLIENTS) -> None:
-        self.config = config
-        self.contexts = {
-            100 + i: Context(
-                run_id=1,
-                node_id=100 + i,
-                node_config={"partition-id": i, "num-partitions": num_clients},
-                state=RecordDict(),
-                run_config=config,
-            )
-            for i in range(num_clients)
-        }
-        self.grid = LocalGrid({node: self._handler(node) for node in self.contexts})
-
-    def _handler(self, node: int):
-        def handle(msg):
-            reply = client_app.app(msg, self.contexts[node])
-            if reply.has_error():
-                raise RuntimeError(reply.error.reason)
-            return reply.content
-
-        return handle
-
-    def run(self) -> None:
-        context = Context(1, 0, {}, RecordDict(), self.config)
-        server_app.main(self.grid, context)
+    # the in-process engine runs the same app code: same seeds, same metrics
+    simulate_in_process({**config, "strategy": "fedavg"}, NUM_CLIENTS, tmp_path / "local")
+    assert recall(tmp_path / "local") == recall(out / "fedavg")
 
 
 def test_a_tampered_shard_is_an_error_reply_and_the_round_goes_on(benchmark_dir, tmp_path):
@@ -152,7 +120,7 @@ def test_a_tampered_shard_is_an_error_reply_and_the_round_goes_on(benchmark_dir,
     shard.write_bytes(shard.read_bytes()[:-64] + bytes(64))
     out = tmp_path / "out"
     config = run_config(bench, out, **{"num-server-rounds": 1, "local-epochs": 1})
-    InProcessFederation(config).run()
+    simulate_in_process(config, NUM_CLIENTS, out)
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     failures = [c for c in rounds[1]["clients"] if "error" in c]
     assert [c["partition-id"] for c in failures] == [2]
@@ -168,12 +136,11 @@ def test_a_seeded_run_replays_exactly_and_samples_by_partition(benchmark_dir, tm
         options = {"num-server-rounds": 2, "fraction-train": 0.6, "min-train-nodes": 3}
         config = run_config(benchmark_dir, out, strategy="scaffold", **options)
         config["local-epochs"] = 1
-        federation = InProcessFederation(config)
-        federation.run()
+        contexts = simulate_in_process(config, NUM_CLIENTS, out)
         # SCAFFOLD's client control variate lives in the node's context.state
         rounds = json.loads((out / "metrics.json").read_text())["rounds"]
         trained = {c["partition-id"] for r in rounds for c in r["clients"]}
-        for context in federation.contexts.values():
+        for context in contexts.values():
             has_state = "scaffold-control" in context.state.array_records
             assert has_state == (context.node_config["partition-id"] in trained)
         return rounds
@@ -185,6 +152,18 @@ def test_a_seeded_run_replays_exactly_and_samples_by_partition(benchmark_dir, tm
     assert [r["server"] for r in first] == [r["server"] for r in again]
     assert [r["clients"] for r in first] == [r["clients"] for r in again]
     assert round_seed(0, 1, 2) == round_seed(0, 1, 2) != round_seed(0, 2, 1)
+
+
+def test_eval_every_evaluates_on_schedule_and_after_the_last_round(benchmark_dir, tmp_path):
+    options = {"num-server-rounds": 3, "eval-every": 2, "local-epochs": 1}
+    simulate_in_process(run_config(benchmark_dir, tmp_path, **options), NUM_CLIENTS, tmp_path)
+    rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert [bool(r["server"]) for r in rounds] == [True, False, True, True]
+    assert all(r["train"] for r in rounds[1:])  # every round's training is still recorded
+    assert recall(tmp_path)[1] != recall(tmp_path)[1]  # NaN in the CSV for round 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| R@50 |" in summary and "nan" not in summary
+    assert (tmp_path / "plots" / "server_metrics.png").stat().st_size > 0
 
 
 def test_write_connection_is_what_flower_reads(tmp_path, monkeypatch):
