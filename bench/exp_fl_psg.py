@@ -1,19 +1,31 @@
-"""Experiment: FedAvg, FedProx, FedSAM and SCAFFOLD on the real PSG annotations, FL-PSG protocol.
+"""Experiment: the FL-PSG model table on the real PSG annotations, FL-PSG's protocol.
 
 The 24,378 annotated images (labels + box geometry; no pixels), one seeded held-out test split,
-100 clients of which 5 train per round, partitioned over the FL-PSG category-map clusters: each
-client's cluster mixture drawn from Dirichlet(alpha) with equal client sizes (the builder's
-`dirichlet-client`; the per-cluster split cannot give 100 clients an image each at alpha 0.1)
-for alpha in {0.1, 1, 10}, and IID. MOTIFS in PredCls. Each partition is one
-`flwr run` Ray simulation that runs the four strategies one after another on the same
-federation (same initial model, same sampled clients per round). The centralized (CL) row
-trains the same model on the pooled training images for the same number of passes over the
-data (`fedpsg.centralized.budget_epochs`). Each partition's heterogeneity index (size-weighted
-JSD to the global distribution, over clusters and over predicates) comes from its manifest.
+100 clients of which 5 train per round, 1 local epoch, SGD lr 0.03, batch 16, partitioned over
+the FL-PSG category-map clusters (FL-PSG runs 100 rounds; the default here is 50, what the grid's
+35 federations cost on a few CPU cores in an hour or two):
 
-Run: `python -m bench.exp_fl_psg` (defaults sized for 2 CPU cores and under an hour). Results
-are written after every partition to bench/results/fl_psg.json and fl_psg.md; benchmarks and
-runs go to runs/exp_fl_psg/ and a finished partition is not run again.
+- `iid` (FL-PSG's "Random"), `shard` (each client holds one cluster: FL-PSG's
+  "Shard-non-IID"), and `alpha=10/1/0.1`: each client's cluster mixture drawn from
+  Dirichlet(alpha) with equal client sizes (the builder's `dirichlet-client`).
+
+Every model runs FedAvg on every partition; the best model (`--best-model`, MOTIFS by the
+centralized table in bench/results/psg_models.md) also runs FedSAM and SCAFFOLD. The CL row
+trains each model on the pooled training images for the same number of passes over the data
+(`fedpsg.centralized.budget_epochs`). Each partition's heterogeneity index (size-weighted JSD to
+the global distribution, over clusters and over predicates) comes from its manifest.
+
+Each (partition, model, strategy) is one federation of the real ServerApp and ClientApp run
+in-process (`fedpsg.simulate.simulate_in_process`: Flower's Message API through a LocalGrid, no
+Ray start-up), in its own worker process with one torch thread, `--workers` at a time. A
+finished job is not run again, so the grid can be stopped and resumed or run in pieces on
+several machines (`--only`) and gathered in one place.
+
+    python -m bench.exp_fl_psg --workers 2                   # the whole grid, 50 rounds
+    python -m bench.exp_fl_psg --only vctree,shard/ --workers 16  # a piece of it
+
+Results: bench/results/fl_psg.json and fl_psg.md (rewritten after every job); each run's
+outputs (metrics, plots, model) under runs/exp_fl_psg/.
 """
 
 from __future__ import annotations
@@ -22,33 +34,74 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from tqdm import tqdm
 
 from benchmark_builder.build import BuildConfig, build_benchmark
 from fedpsg.centralized import budget_epochs, run_centralized, write_outputs
-from fedpsg.simulate import APP_DIR, simulate
+from fedpsg.run_outputs import round_metrics
+from fedpsg.simulate import APP_DIR, simulate_in_process
 
 DATA = APP_DIR.parent / "shared" / "data"
 PSG = DATA / "psg_annotations.json.gz"
 CATEGORY_MAP = DATA / "fl_psg_word_categorized.json"
 RESULTS = Path(__file__).resolve().parent / "results"
-STRATEGIES = ("fedavg", "fedprox", "fedsam", "scaffold")
-PARTITIONS = {"alpha=0.1": 0.1, "alpha=1": 1.0, "alpha=10": 10.0, "iid": None}
+MODELS = ("frequency", "imp", "motifs", "vctree", "gpsnet")
+PARTITIONS = {"iid": None, "alpha=10": 10.0, "alpha=1": 1.0, "alpha=0.1": 0.1, "shard": None}
 METRICS = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100")
-console = Console()
+# FL-PSG's published R@100 / mR@100 (SGDet): centralized, FedAvg Random, Shard-non-IID.
+FL_PSG = {
+    "imp": ((18.37, 7.11), (14.46, 3.56), (13.06, 2.68)),
+    "motifs": ((19.15, 8.14), (15.64, 5.16), (15.43, 4.65)),
+    "vctree": ((19.02, 7.82), (14.69, 4.87), (14.62, 4.54)),
+    "gpsnet": ((20.28, 8.47), (16.34, 6.66), (16.91, 6.49)),
+}
 
 
-def benchmark(root: Path, name: str, alpha: float | None, args: argparse.Namespace) -> Path:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=APP_DIR / "runs" / "exp_fl_psg")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--best-model", default="motifs", help="also runs --extra-strategies")
+    p.add_argument("--extra-strategies", default="fedsam,scaffold")
+    p.add_argument("--partitions", default=",".join(PARTITIONS))
+    p.add_argument("--cl", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--only", help="comma-separated texts: run only jobs whose names contain one")
+    p.add_argument("--workers", type=int, default=2, help="jobs at once, one thread each")
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--per-round", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--proximal-mu", type=float, default=0.01)
+    p.add_argument("--rho", type=float, default=0.05)
+    p.add_argument("--eval-every", type=int, default=5, help="server test evaluation period")
+    p.add_argument("--clusters", type=int, default=5)
+    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def benchmark(args: argparse.Namespace, partition: str) -> Path:
     """The partition's benchmark folder (built once)."""
-    out = root / "benchmarks" / name.replace("=", "")
+    out = args.out.resolve() / "benchmarks" / partition.replace("=", "")
     if not (out / "manifest.json").exists():
+        alpha = PARTITIONS[partition]
+        method = partition if alpha is None else "dirichlet-client"
         config = BuildConfig(
             num_clients=args.clients,
-            partition="iid" if alpha is None else "dirichlet-client",
+            partition=method,
             alpha=alpha,
             num_clusters=args.clusters,
             featurizer="category-map",
@@ -60,12 +113,30 @@ def benchmark(root: Path, name: str, alpha: float | None, args: argparse.Namespa
     return out
 
 
-def run_config(bench: Path, args: argparse.Namespace) -> dict:
+def jobs(args: argparse.Namespace) -> list[str]:
+    """Job names `partition/model/strategy`, and `pooled/model/CL` for the CL rows."""
+    names = []
+    for partition in args.partitions.split(","):
+        for model in args.models.split(","):
+            names.append(f"{partition}/{model}/fedavg")
+            if model == args.best_model:
+                names += [f"{partition}/{model}/{s}" for s in args.extra_strategies.split(",")]
+    if args.cl:
+        names += [f"pooled/{model}/CL" for model in args.models.split(",")]
+    keep = args.only.split(",") if args.only else [""]
+    return [n for n in names if any(text in n for text in keep)]
+
+
+def job_dir(args: argparse.Namespace, name: str) -> Path:
+    return args.out.resolve() / "runs" / name.replace("=", "")
+
+
+def run_config(args: argparse.Namespace, bench: Path, model: str, strategy: str) -> dict:
     return {
         "task": "psg",
-        "strategy": ",".join(STRATEGIES),
+        "strategy": strategy,
         "benchmark-dir": str(bench),
-        "model": "motifs",
+        "model": model,
         "mode": "predcls",
         "features": "geometry",
         "num-server-rounds": args.rounds,
@@ -78,114 +149,154 @@ def run_config(bench: Path, args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "proximal-mu": args.proximal_mu,
         "rho": args.rho,
+        "eval-every": args.eval_every,
     }
 
 
-def centralized(root: Path, args: argparse.Namespace, epochs: int) -> list[dict]:
-    """The CL run's per-epoch history (run once, then read from runs/exp_fl_psg/cl). The
-    train/test split precedes partitioning, so every partition's benchmark pools the same
-    training images; the first is used."""
-    out = root / "cl"
-    if not (out / "metrics.json").exists():
-        name = next(iter(PARTITIONS))
-        bench = benchmark(root, name, PARTITIONS[name], args)
-        write_outputs(run_centralized(run_config(bench, args), epochs), out)
-    return json.loads((out / "metrics.json").read_text())
+def run_job(args: argparse.Namespace, name: str) -> None:
+    """One federation (or the CL run); `result.json` marks it finished."""
+    torch.set_num_threads(1)
+    partition, model, strategy = name.split("/")
+    out = job_dir(args, name)
+    start = time.perf_counter()
+    if strategy == "CL":
+        # The split precedes partitioning: every partition pools the same training images.
+        bench = benchmark(args, "iid")
+        epochs = budget_epochs(args.rounds, args.per_round, args.clients, args.epochs)
+        write_outputs(run_centralized(run_config(args, bench, model, "fedavg"), epochs), out)
+        final = json.loads((out / "metrics.json").read_text())[-1]
+        het = {"cluster_jsd": None, "predicate_jsd": None}
+    else:
+        bench = benchmark(args, partition)
+        simulate_in_process(run_config(args, bench, model, strategy), args.clients, out)
+        final = round_metrics(out)
+        manifest = json.loads((bench / "manifest.json").read_text())["heterogeneity"]
+        het = {k: manifest[k] for k in ("cluster_jsd", "predicate_jsd")}
+    row = {"partition": partition, "model": model, "method": strategy, **het}
+    row |= {m: final[m] for m in METRICS} | {"wall_s": round(time.perf_counter() - start, 1)}
+    row["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    (out / "result.json").write_text(json.dumps(row, indent=2) + "\n")
 
 
-def heterogeneity(bench: Path) -> dict:
-    het = json.loads((bench / "manifest.json").read_text())["heterogeneity"]
-    return {"cluster_jsd": het["cluster_jsd"], "predicate_jsd": het["predicate_jsd"]}
+def gather(args: argparse.Namespace) -> list[dict]:
+    """Rows of every finished job of the grid, in grid order."""
+    rows = []
+    for name in jobs(argparse.Namespace(**{**vars(args), "only": None})):
+        path = job_dir(args, name) / "result.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+    return rows
 
 
-def write_results(payload: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fl_psg.json").write_text(json.dumps(payload, indent=2) + "\n")
-    head = "| partition | cluster JSD | predicate JSD | method | " + " | ".join(METRICS) + " |"
+def effects(rows: list[dict]) -> list[str]:
+    """Per model: FedAvg's R@100/mR@100 relative to CL and to iid, beside FL-PSG's."""
+    by = {(r["partition"], r["model"], r["method"]): r for r in rows}
     lines = [
-        f"Machine: {payload['machine']}.",
-        f"Setting: {payload['setting']}",
-        "",
-        head,
-        "| --- | ---: | ---: | --- |" + " ---: |" * len(METRICS),
+        "| model | FedAvg iid / CL (R, mR) | FL-PSG Random / CL | shard / iid (R, mR) "
+        "| FL-PSG Shard-non-IID / Random | alpha=0.1 / iid (R, mR) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for row in payload["rows"]:
-        het = [f"{row[k]:.3f}" if row.get(k) is not None else "-" for k in ("cluster_jsd",
-               "predicate_jsd")]  # fmt: skip
-        values = " | ".join(f"{100 * row[m]:.2f}" for m in METRICS)
-        lines.append(f"| {row['partition']} | {het[0]} | {het[1]} | {row['method']} | {values} |")
+    for model in MODELS:
+        cl, iid = by.get(("pooled", model, "CL")), by.get(("iid", model, "fedavg"))
+        shard, a01 = by.get(("shard", model, "fedavg")), by.get(("alpha=0.1", model, "fedavg"))
+
+        def ratio(a: dict | None, b: dict | None) -> str:
+            if not a or not b:
+                return "-"
+            return f"{a['R@100'] / b['R@100']:.2f}, {a['mR@100'] / b['mR@100']:.2f}"
+
+        ref = FL_PSG.get(model)
+        ref_cl = ref_shard = "-"
+        if ref:
+            (cr, cm), (rr, rm), (sr, sm) = ref
+            ref_cl, ref_shard = f"{rr / cr:.2f}, {rm / cm:.2f}", f"{sr / rr:.2f}, {sm / rm:.2f}"
+        lines.append(
+            f"| {model} | {ratio(iid, cl)} | {ref_cl} | {ratio(shard, iid)} | {ref_shard} "
+            f"| {ratio(a01, iid)} |"
+        )
+    return lines
+
+
+def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
+    cl_epochs = budget_epochs(args.rounds, args.per_round, args.clients, args.epochs)
+    setting = (
+        f"{args.clients} clients, {args.per_round} per round, {args.rounds} rounds x "
+        f"{args.epochs} local epoch(s), SGD lr {args.lr} momentum {args.momentum}, batch "
+        f"{args.batch_size}, PredCls on labels + geometry, FedSAM rho {args.rho}, "
+        f"{args.clusters} FL-PSG category-map clusters, test fraction {args.test_fraction}, "
+        f"seed {args.seed}, test evaluation every {args.eval_every} rounds; CL: {cl_epochs} "
+        "epoch(s) on the pooled training images"
+    )
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine, "setting": setting, "rows": rows}
+    (args.results / "fl_psg.json").write_text(json.dumps(payload, indent=2) + "\n")
+    head = "| partition | cluster JSD | predicate JSD | model | method | " + " | ".join(METRICS)
+    lines = [
+        f"Machine: {machine}.",
+        f"Setting: {setting}.",
+        "",
+        head + " | wall s |",
+        "| --- | ---: | ---: | --- | --- |" + " ---: |" * (len(METRICS) + 1),
+    ]
+    for r in rows:
+        het = ["-" if r[k] is None else f"{r[k]:.3f}" for k in ("cluster_jsd", "predicate_jsd")]
+        values = " | ".join(f"{100 * r[m]:.2f}" for m in METRICS)
+        lines.append(
+            f"| {r['partition']} | {het[0]} | {het[1]} | {r['model']} | {r['method']} "
+            f"| {values} | {r['wall_s']:.0f} |"
+        )
     lines += [
         "",
         "Recalls in %, graph-constrained, on the held-out test split, after the last round.",
+        "",
+        "Direction of the effects (ratios of R@100, mR@100; FL-PSG's from its SGDet table):",
+        "",
+        *effects(rows),
     ]
-    (RESULTS / "fl_psg.md").write_text("\n".join(lines) + "\n")
+    (args.results / "fl_psg.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=APP_DIR / "runs" / "exp_fl_psg")
-    parser.add_argument("--clients", type=int, default=100)
-    parser.add_argument("--per-round", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--proximal-mu", type=float, default=0.01)
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--clusters", type=int, default=5)
-    parser.add_argument("--test-fraction", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cl", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--partitions", nargs="*", default=list(PARTITIONS), choices=PARTITIONS)
-    args = parser.parse_args()
-    root = args.out.resolve()
-    cl_epochs = budget_epochs(args.rounds, args.per_round, args.clients, args.epochs)
-    fl_epochs = args.rounds * args.per_round * args.epochs / args.clients
-    payload = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "setting": (
-            f"{args.clients} clients, {args.per_round} per round, {args.rounds} rounds x "
-            f"{args.epochs} local epoch(s), SGD lr {args.lr} momentum {args.momentum}, batch "
-            f"{args.batch_size}, MOTIFS PredCls on labels + geometry, FedProx mu "
-            f"{args.proximal_mu}, FedSAM rho {args.rho}, {args.clusters} FL-PSG category-map "
-            f"clusters, test fraction {args.test_fraction}, seed {args.seed}; "
-            + (
-                f"CL: {cl_epochs} epoch(s) on the pooled training images (the federation "
-                f"passes {fl_epochs:.2g} epochs' worth of images; CL trains whole epochs)"
-                if args.cl
-                else "no CL row in this run"
-            )
-        ),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "rows": [],
-    }
-    start = time.monotonic()
-    for name in args.partitions:
-        console.rule(f"{name} ({time.monotonic() - start:.0f} s)")
-        bench = benchmark(root, name, PARTITIONS[name], args)
-        out = root / "runs" / name.replace("=", "")
-        if not (out / "comparison.json").exists():
-            code = simulate(run_config(bench, args), args.clients, out, stream=False)
-            if code != 0:
-                console.print(f"[red]{name}: flwr run failed ({code}), see {out}/flwr_run.log")
-                continue
-        final = json.loads((out / "comparison.json").read_text())
-        for method in STRATEGIES:
-            row = {"partition": name, **heterogeneity(bench), "method": method}
-            payload["rows"].append({**row, **{m: final[method][m] for m in METRICS}})
-        console.print((out / "comparison.md").read_text())
-        write_results(payload)
-    if args.cl:
-        console.rule(f"CL ({time.monotonic() - start:.0f} s)")
-        last = centralized(root, args, cl_epochs)[-1]
-        payload["rows"].append(
-            {"partition": "pooled", "cluster_jsd": None, "predicate_jsd": None, "method": "CL",
-             **{m: last[m] for m in METRICS}}
-        )  # fmt: skip
-    payload["wall_s"] = round(time.monotonic() - start, 1)
-    write_results(payload)
-    console.print((RESULTS / "fl_psg.md").read_text())
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.job:
+        run_job(args, args.job)
+        return
+    partitions = args.partitions.split(",")
+    unknown = set(partitions) - set(PARTITIONS)
+    if unknown:
+        sys.exit(f"unknown partition(s) {sorted(unknown)}; choose from {list(PARTITIONS)}")
+    # built once, side by side, before the workers read them
+    with ProcessPoolExecutor(min(args.workers, len(partitions))) as pool:
+        list(pool.map(partial(benchmark, args), partitions))
+    pending = [n for n in jobs(args) if not (job_dir(args, n) / "result.json").exists()]
+    base = [sys.executable, "-m", "bench.exp_fl_psg", *(argv if argv is not None else sys.argv[1:])]
+    running: dict[str, subprocess.Popen] = {}
+    failed = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tqdm(total=len(pending), desc="FL-PSG grid", unit="job") as bar:
+        while pending or running:
+            while pending and len(running) < args.workers:
+                name = pending.pop(0)
+                log = job_dir(args, name).with_suffix(".log")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "w") as handle:
+                    cmd = [*base, "--job", name]
+                    running[name] = subprocess.Popen(cmd, env=env, stdout=handle, stderr=handle)
+            time.sleep(2)
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode:
+                    failed.append(name)
+                    bar.write(f"{name}: failed, see {job_dir(args, name).with_suffix('.log')}")
+                bar.update()
+                write_results(args, gather(args))
+    write_results(args, gather(args))
+    print((args.results / "fl_psg.md").read_text())
+    if failed:
+        sys.exit(f"failed jobs: {failed}")
 
 
 if __name__ == "__main__":
