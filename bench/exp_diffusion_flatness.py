@@ -2,14 +2,16 @@
 
 Arms (same data, model, optimizer and image budget): baseline SGD, +EMA, +SWA, +SAM at several
 radii rho, +SAM+EMA; each centralized (one client holding all training images, one round = one
-epoch) and federated (clients from a Dirichlet split over labels, one round = one local epoch
-per client, FedAvg aggregation). Training goes through the real client halves
-(`strategies.client_half`) and `train_local`; aggregation and EMA/SWA use the server module's
-`weighted_mean` and `ModelAverage`, in one process (no Ray, no Flower messages).
+epoch) and federated (clients from a Dirichlet split over labels, `--local-epochs` per round,
+FedAvg aggregation). Every arm is a run of the Flower app itself (`task = "diffusion"`): its
+ServerApp and ClientApps in one process through `fedpsg.simulate.simulate_in_process`
+(Flower's Message API over a LocalGrid, no Ray or network), so the strategies' real client
+halves, aggregation and server-side EMA/SWA train it, and the served model is evaluated.
 
 Per arm: FID at 20 and 100 DDPM steps, FID and test-loss change after 8/6/4-bit weight
 quantization, sharpness under filter-normalised perturbations, the largest Hessian eigenvalue,
-the exposure-bias gap, a sample grid. Arms run as parallel worker processes on one GPU.
+the exposure-bias gap, a sample grid. Arms run as parallel worker processes, spread over the
+GPUs listed in `--gpus` (round robin).
 
     python -m bench.exp_diffusion_flatness --setting central --out bench/results
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_clients.data import dirichlet_partition, load_digits_set, train_test_split
+from diffusion_clients.data import load_digits_set, train_test_split
 from diffusion_clients.exposure import exposure_bias
 from diffusion_clients.fid import FIDScorer
 from diffusion_clients.flatness import hessian_top_eigenvalue, sharpness
@@ -41,11 +43,12 @@ ARMS: dict[str, dict] = {
     "ema": {"algorithm": "fedavg", "average": "ema"},
     "swa": {"algorithm": "fedavg", "average": "swa"},
     "sam-0.05": {"algorithm": "fedsam", "rho": 0.05},
+    "sam-0.1": {"algorithm": "fedsam", "rho": 0.1},
     "sam-0.2": {"algorithm": "fedsam", "rho": 0.2},
     "sam-0.5": {"algorithm": "fedsam", "rho": 0.5},
-    "sam-1.0": {"algorithm": "fedsam", "rho": 1.0},
-    "sam-0.5+ema": {"algorithm": "fedsam", "rho": 0.5, "average": "ema"},
+    "sam-0.1+ema": {"algorithm": "fedsam", "rho": 0.1, "average": "ema"},
 }
+TEST_FRACTION = 0.2
 SIGMAS = (0.005, 0.01, 0.02, 0.05)
 BITS = (8, 6, 4)
 
@@ -63,69 +66,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--ema-decay", type=float, default=0.99, help="per round")
+    p.add_argument("--local-epochs", type=int, default=5, help="federated: epochs per round")
+    p.add_argument("--ema-decay", type=float, default=0.9, help="per round")
+    p.add_argument("--swa-start", type=float, default=0.75, help="fraction of rounds")
     p.add_argument("--diffusion-steps", type=int, default=1000)
     p.add_argument("--fid-samples", type=int, default=1000)
     p.add_argument("--fid-reference", type=int, default=0, help="reference images (0 = all)")
     p.add_argument("--hessian-batch", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parallel", type=int, default=8, help="worker processes sharing the GPU")
+    p.add_argument("--parallel", type=int, default=8, help="worker processes at once")
+    p.add_argument("--gpus", default="0", help="comma-separated CUDA device ids to spread over")
     p.add_argument("--deadline", type=float, default=0, help="stop unfinished arms after s")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+def train_arm(args: argparse.Namespace, arm: dict, device: torch.device, out: Path):
+    """One run of the Flower app for this arm; returns the served model and its history."""
+    from fedpsg.simulate import simulate_in_process
 
-
-def _state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def _load(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
-
-
-def train_arm(args: argparse.Namespace, arm: dict, train, device: torch.device):
-    """Rounds of local training through the client halves, FedAvg aggregation, EMA/SWA."""
-    from strategies import client_half
-    from strategies.base import train_local
-    from strategies.server import ModelAverage, weighted_mean
-
-    if args.setting == "central":
-        parts, batch_size = [np.arange(len(train))], args.batch_size
-    else:
-        parts = dirichlet_partition(train.labels, args.clients, args.alpha, args.seed)
-        batch_size = args.client_batch_size
-    images = [train.images[torch.as_tensor(p)].to(device) for p in parts]
+    central = args.setting == "central"
+    clients = 1 if central else args.clients
+    config = {
+        "task": "diffusion",
+        "strategy": arm["algorithm"],
+        "rho": arm.get("rho", 0.0),
+        "adaptive": False,
+        "num-server-rounds": args.rounds,
+        "fraction-train": 1.0,
+        "min-train-nodes": clients,
+        "local-epochs": 1 if central else args.local_epochs,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "batch-size": args.batch_size if central else args.client_batch_size,
+        "seed": args.seed,
+        "device": device.type,
+        "data": "digits",
+        "image-size": args.image_size,
+        "unet": args.unet,
+        "diffusion-steps": args.diffusion_steps,
+        "dirichlet-alpha": args.alpha,
+        "test-fraction": TEST_FRACTION,
+        "server-ema": args.ema_decay if arm.get("average") == "ema" else 0.0,
+        "server-swa-start": round(args.rounds * args.swa_start) + 1
+        if arm.get("average") == "swa"
+        else 0,
+        "eval-every": max(1, args.rounds // 20),
+    }
+    simulate_in_process(config, clients, out)
     model = build_unet(args.unet, args.image_size, 1, seed=args.seed).to(device)
-    loss = DenoisingLoss(make_scheduler(args.diffusion_steps))
-    average = ModelAverage(
-        ema_decay=args.ema_decay if arm.get("average") == "ema" else None,
-        swa_start=args.rounds // 2 + 1 if arm.get("average") == "swa" else None,
-    )
-    config = {"algorithm": arm["algorithm"], "rho": arm.get("rho", 0.0), "adaptive": False}
-    global_arrays = _state(model)
-    average.begin(global_arrays)
-    steps, losses = 0, []
-    for rnd in range(1, args.rounds + 1):
-        replies, weights, round_loss = [], [], 0.0
-        for cid, x in enumerate(images):
-            _load(model, global_arrays)
-            half = client_half(config, lr=args.lr, momentum=args.momentum)
-            batches = NoisyBatches(x, batch_size, args.diffusion_steps, _seed(args.seed, rnd, cid))
-            value, _ = train_local(model, batches, loss, half)
-            steps += half.num_steps
-            replies.append(_state(model))
-            weights.append(len(x))
-            round_loss += value * len(x)
-        global_arrays = weighted_mean(replies, weights, like=global_arrays)
-        average.update(rnd, global_arrays)
-        losses.append(round_loss / sum(weights))
-    _load(model, average.serve(global_arrays))
-    return model, {"train_steps": steps, "train_loss_curve": losses[:: max(1, len(losses) // 50)]}
+    model.load_state_dict(torch.load(out / "final_model.pt", map_location=device))
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    seen = sum(c.get("num-examples", 0) for r in rounds for c in r["clients"])
+    return model, {
+        "train_images": seen * config["local-epochs"],
+        "train_loss_curve": [r["train"].get("train_loss") for r in rounds[1:]],
+        "test_loss_curve": {r["round"]: r["server"]["loss"] for r in rounds if r["server"]},
+    }
 
 
 def evaluate_arm(args: argparse.Namespace, model, train, test, device) -> dict:
@@ -170,9 +168,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     name = args.worker
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train, test = train_test_split(load_digits_set(args.image_size), 0.2, args.seed)
+    train, test = train_test_split(load_digits_set(args.image_size), TEST_FRACTION, args.seed)
     start = time.perf_counter()
-    model, info = train_arm(args, ARMS[name], train, device)
+    model, info = train_arm(args, ARMS[name], device, args.out / f".{args.setting}-{name}-run")
     info["train_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     metrics, grid = evaluate_arm(args, model, train, test, device)
@@ -246,12 +244,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"unknown arm(s) {sorted(unknown)}; choose from {list(ARMS)}")
     base_cmd = [sys.executable, "-m", "bench.exp_diffusion_flatness", *(argv or sys.argv[1:])]
     pending, running, failed = list(names), {}, []
+    gpus = args.gpus.split(",")
     start = time.perf_counter()
     with tqdm(total=len(names), desc=f"{args.setting} arms") as bar:
         while pending or running:
             while pending and len(running) < args.parallel:
                 name = pending.pop(0)
-                running[name] = subprocess.Popen([*base_cmd, "--worker", name], env=os.environ)
+                gpu = gpus[names.index(name) % len(gpus)]
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+                running[name] = subprocess.Popen([*base_cmd, "--worker", name], env=env)
             time.sleep(1)
             if args.deadline and time.perf_counter() - start > args.deadline:
                 failed += pending
