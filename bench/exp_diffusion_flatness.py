@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", default="0", help="comma-separated CUDA device ids to spread over")
     p.add_argument("--deadline", type=float, default=0, help="stop unfinished arms after s")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(f"{tmp}.json").unlink()
         Path(f"{tmp}.npy").unlink()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    stem = args.out / f"diffusion_flatness_{args.setting}"
+    stem = args.out / f"diffusion_flatness_{args.setting}{args.tag}"
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.pop("worker")
     result = {
