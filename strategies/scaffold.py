@@ -1,4 +1,4 @@
-"""SCAFFOLD (Karimireddy et al., 2020) with option-II control variates.
+"""SCAFFOLD (Karimireddy et al., 2020), option-II control variates as mean local gradients.
 
 Records: the server sends "arrays" (global model x), "config" (with "algorithm" = "scaffold")
 and "server-control" (ArrayRecord: the server control variate c, one array per trainable
@@ -6,8 +6,13 @@ parameter; empty in the first round, meaning zeros). A client replies with "arra
 model y_i), "control-delta" (ArrayRecord: c_i+ - c_i) and one MetricRecord with "num-examples".
 The client keeps c_i across rounds in its persistent state under "scaffold-control".
 
-Client, per round: K local steps y <- y - lr (g(y) - c_i + c), then
-c_i+ = c_i - c + (x - y_i) / (K lr). Server: x <- x + server_lr * mean_w(y_i - x) with the mean
+Client, per round: K local steps on the corrected gradient g(y) - c_i + c, then c_i+ = the mean
+of the K raw gradients g(y). Under plain SGD without weight decay that is exactly option II's
+c_i - c + (x - y_i) / (K lr). Under momentum (beta) the displacement x - y_i grows to about
+K lr g / (1 - beta), so option II's formula inflates c_i tenfold at beta = 0.9 (SCAFFOLD then
+diverged on the FL-PSG grid); the mean gradient stays a gradient estimate.
+
+Server: x <- x + server_lr * mean_w(y_i - x) with the mean
 weighted by "num-examples" (server_lr = 1 and c = 0 give FedAvg), and
 c <- c + (|S| / N) * mean(c_i+ - c_i), an unweighted mean over the |S| clients whose replies
 were usable, N = all connected nodes; so c stays the mean of all N clients' c_i under partial
@@ -134,7 +139,6 @@ class ScaffoldClient(ClientHalf):
         server = incoming.get(SERVER_CONTROL, {})
         own = state.get(CLIENT_CONTROL, {})
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._start = {n: p.detach().clone() for n, p in self._params}
 
         def tensor(arrays: ArrayDict, name: str, like: torch.Tensor) -> torch.Tensor:
             if name not in arrays:
@@ -144,30 +148,28 @@ class ScaffoldClient(ClientHalf):
         self._c = {n: tensor(server, n, p) for n, p in self._params}
         self._ci = {n: tensor(own, n, p) for n, p in self._params}
         self._correction = [(p, self._c[n] - self._ci[n]) for n, p in self._params]
+        self._grad_sum = {n: torch.zeros_like(p) for n, p in self._params}
         return super().begin(model, incoming, state)
 
     def step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, closure: Closure
     ) -> torch.Tensor:
-        """SGD step on g - c_i + c."""
+        """Optimizer step on g - c_i + c; sums the raw g for c_i+."""
         loss = closure()
         with torch.no_grad():
-            for p, correction in self._correction:
+            for (n, p), (_, correction) in zip(self._params, self._correction, strict=True):
                 if p.grad is not None:
+                    self._grad_sum[n].add_(p.grad)
                     p.grad.add_(correction)
         optimizer.step()
         self.num_steps += 1
         return loss
 
     def end(self, model: nn.Module, state: dict[str, ArrayDict]) -> dict[str, ArrayDict]:
-        """c_i+ = c_i - c + (x - y_i) / (K lr); keep it in `state`, send c_i+ - c_i."""
+        """c_i+ = mean raw gradient over the K steps; keep it in `state`, send c_i+ - c_i."""
         new, delta = {}, {}
-        for n, p in self._params:
-            if self.num_steps == 0:
-                updated = self._ci[n]
-            else:
-                drift = (self._start[n] - p.detach()) / (self.num_steps * self.lr)
-                updated = self._ci[n] - self._c[n] + drift
+        for n, _ in self._params:
+            updated = self._grad_sum[n] / self.num_steps if self.num_steps else self._ci[n]
             new[n] = updated.cpu().numpy()
             delta[n] = (updated - self._ci[n]).cpu().numpy()
         state[CLIENT_CONTROL] = new

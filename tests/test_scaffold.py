@@ -45,6 +45,22 @@ def test_client_update_matches_hand_worked_case():
     assert out[CONTROL_DELTA]["weight"].item() == pytest.approx(-3.83, rel=1e-5)
 
 
+def test_client_control_is_the_mean_gradient_under_momentum():
+    # loss 2 w has the constant gradient 2, corrected to 2 + c - c_i = 2.5. With momentum 0.9
+    # and K = 4 steps of lr 0.01 the model moves 0.01 * 2.5 * (1 + 1.9 + 2.71 + 3.439) =
+    # 0.2262, so option II's c_i - c + (x - y) / (K lr) would give 5.16; c_i+ must be the
+    # mean raw gradient, 2.
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    half = client_half({"algorithm": "scaffold"}, lr=0.01, momentum=0.9)
+    state: dict = {}
+    incoming = {SERVER_CONTROL: {"weight": np.array([[0.5]], np.float32)}}
+    train_local(model, [None] * 4, lambda m, _: 2 * m.weight.sum(), half, incoming, state)
+    assert model.weight.item() == pytest.approx(1 - 0.01 * 2.5 * 9.049, rel=1e-5)
+    assert state[CLIENT_CONTROL]["weight"].item() == pytest.approx(2.0, rel=1e-6)
+
+
 def test_first_round_controls_default_to_zero():
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
