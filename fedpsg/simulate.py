@@ -32,6 +32,7 @@ import typer
 from flwr.app import Context, Message, RecordDict
 from flwr.common.config import flatten_dict, get_project_config
 
+from fedpsg import client_app, server_app
 from fedpsg.launch import (
     ManagedProcesses,
     flwr_env,
@@ -40,6 +41,7 @@ from fedpsg.launch import (
     wait_for_port,
     write_connection,
 )
+from strategies.local_grid import LocalGrid
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -105,16 +107,16 @@ def simulate(
         )
 
 
-def simulate_in_process(run_config: Mapping[str, Any], num_supernodes: int, out_dir: Path) -> None:
+def simulate_in_process(
+    run_config: Mapping[str, Any], num_supernodes: int, out_dir: Path
+) -> dict[int, Context]:
     """Run the app's ServerApp and ClientApps in this process through a `LocalGrid`.
 
     As `flwr run` does, `run_config` overrides the defaults of the app's pyproject.toml.
     Node `i + 1` holds partition `i`. A ClientApp's error reaches the strategy as an error
-    reply, as it does in a real federation (the strategy leaves that client out).
+    reply, as it does in a real federation (the strategy leaves that client out). Returns the
+    nodes' contexts, whose `state` the ClientApp kept across rounds.
     """
-    from fedpsg import client_app, server_app
-    from strategies.local_grid import LocalGrid
-
     defaults = flatten_dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
     config = {**defaults, **run_config, "out-dir": str(Path(out_dir).resolve())}
     contexts = {
