@@ -25,7 +25,10 @@ adaptive reasoning module's softened frequency prior.
 Simplifications: the pair feature u_ij is an MLP of the pair geometry (the paper pools a
 union-box CNN feature; the data here has per-segment features only), the Tucker fusion is
 low-rank as said, and the ARM's relation classifier is the MOTIFS-style product of subject,
-object and pair projections.
+object and pair projections, layer-normalised before the classifier: the triple product is
+cubic in the weights, and without the norm one FedAvg round over single-cluster clients (the
+`shard` partition, SGD momentum 0.9) grew the logits past 250 and the next round's local
+training ran them to NaN.
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ class GPSNet(RelationModel):
         self.subject_proj = nn.Linear(hidden_dim, hidden_dim)
         self.object_proj = nn.Linear(hidden_dim, hidden_dim)
         self.pair_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.fuse_norm = nn.LayerNorm(hidden_dim)
         self.classify = nn.Linear(hidden_dim, spec.num_predicates + 1)
         self.adapt = nn.Linear(hidden_dim, 1)
         self.log_temperature = nn.Parameter(torch.zeros(()))
@@ -174,6 +178,7 @@ class GPSNet(RelationModel):
         object_logits = self.object_output(batch, self.object_classify(x) if sgcls else None, mode)
         subject, obj = batch.pairs.unbind(1)
         pair = self.subject_proj(x)[subject] * self.object_proj(x)[obj] * self.pair_proj(u)
+        pair = self.fuse_norm(pair)
         prior = self.frequency(*pair_labels(batch, object_logits, mode)).softmax(dim=1)
         softened = F.log_softmax(prior / self.log_temperature.exp(), dim=1)
         predicate_logits = self.classify(pair) + self.adapt(u).sigmoid() * softened
