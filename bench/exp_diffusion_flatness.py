@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=0, help="stop unfinished arms after s")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--tag", default="", help="suffix of the result files' names")
+    p.add_argument(
+        "--resumable",
+        action="store_true",
+        help="checkpoint every round in the arm's run folder and continue from it when the "
+        "arm is run again (an arm stopped by --deadline keeps its rounds)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -114,6 +120,8 @@ def train_arm(args: argparse.Namespace, arm: dict, device: torch.device, out: Pa
         if arm.get("average") == "swa"
         else 0,
         "eval-every": max(1, args.rounds // 20),
+        "checkpoint": args.resumable,
+        "resume": args.resumable,
     }
     simulate_in_process(config, clients, out)
     model = build_unet(args.unet, args.image_size, 1, seed=args.seed).to(device)

@@ -227,24 +227,22 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
         f"seed {args.seed}, test evaluation every {args.eval_every} rounds; CL: {cl_epochs} "
         "epoch(s) on the pooled training images"
     )
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     args.results.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine, "setting": setting, "rows": rows}
+    payload = {"setting": setting, "rows": rows}
     (args.results / "fl_psg.json").write_text(json.dumps(payload, indent=2) + "\n")
     head = "| partition | cluster JSD | predicate JSD | model | method | " + " | ".join(METRICS)
     lines = [
-        f"Machine: {machine}.",
-        f"Setting: {setting}.",
+        f"Setting: {setting}; torch {torch.__version__}, one thread per job.",
         "",
-        head + " | wall s |",
-        "| --- | ---: | ---: | --- | --- |" + " ---: |" * (len(METRICS) + 1),
+        head + " | wall s | ran on |",
+        "| --- | ---: | ---: | --- | --- |" + " ---: |" * (len(METRICS) + 1) + " --- |",
     ]
     for r in rows:
         het = ["-" if r[k] is None else f"{r[k]:.3f}" for k in ("cluster_jsd", "predicate_jsd")]
         values = " | ".join(f"{100 * r[m]:.2f}" for m in METRICS)
         lines.append(
             f"| {r['partition']} | {het[0]} | {het[1]} | {r['model']} | {r['method']} "
-            f"| {values} | {r['wall_s']:.0f} |"
+            f"| {values} | {r['wall_s']:.0f} | {r['machine']} |"
         )
     lines += [
         "",
