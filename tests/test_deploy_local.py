@@ -202,10 +202,11 @@ def test_bad_nodes_and_a_lost_node_do_not_stop_the_run(benchmark, tmp_path):
 
 
 def test_ctrl_c_stops_every_process(benchmark, tmp_path):
-    """Ctrl-C while the federation comes up: every process started is gone afterwards."""
+    """Ctrl-C mid-run: every process started is gone afterwards. (Enough rounds that the run
+    cannot finish between the first ClientApp starting and the signal.)"""
     run_dir = tmp_path / "deploy"
     cmd = [sys.executable, "-m", "fedpsg.deploy", "local", "--benchmark", str(benchmark),
-           "--run-dir", str(run_dir), "--rounds", "1"]  # fmt: skip
+           "--run-dir", str(run_dir), "--rounds", "50"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while not (run_dir / "logs" / "clientapp-2.log").exists() and time.monotonic() < deadline:
