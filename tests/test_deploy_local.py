@@ -212,7 +212,8 @@ def test_ctrl_c_stops_every_process(benchmark, tmp_path):
     while not (run_dir / "logs" / "clientapp-2.log").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    # the unwind may wait for `flwr stop` (up to 60 s) and each service's grace period
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out.decode()[-2000:]
     services = json.loads((run_dir / "deployment.json").read_text())["services"]
     started = {name: s["pid"] for name, s in services.items() if s["pid"] is not None}
