@@ -202,18 +202,16 @@ def test_bad_nodes_and_a_lost_node_do_not_stop_the_run(benchmark, tmp_path):
 
 
 def test_ctrl_c_stops_every_process(benchmark, tmp_path):
-    """Ctrl-C mid-run: every process started is gone afterwards. (Enough rounds that the run
-    cannot finish between the first ClientApp starting and the signal.)"""
+    """Ctrl-C while the federation comes up: every process started is gone afterwards."""
     run_dir = tmp_path / "deploy"
     cmd = [sys.executable, "-m", "fedpsg.deploy", "local", "--benchmark", str(benchmark),
-           "--run-dir", str(run_dir), "--rounds", "50"]  # fmt: skip
+           "--run-dir", str(run_dir), "--rounds", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while not (run_dir / "logs" / "clientapp-2.log").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    # the unwind may wait for `flwr stop` (up to 60 s) and each service's grace period
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out.decode()[-2000:]
     services = json.loads((run_dir / "deployment.json").read_text())["services"]
     started = {name: s["pid"] for name, s in services.items() if s["pid"] is not None}
