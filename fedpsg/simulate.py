@@ -25,14 +25,13 @@ import sys
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import tomli_w
 import typer
-from flwr.app import Context, Message, RecordDict
-from flwr.common.config import flatten_dict, get_project_config
 
-from fedpsg import client_app, server_app
+if TYPE_CHECKING:
+    from flwr.app import Context
 from fedpsg.launch import (
     ManagedProcesses,
     flwr_env,
@@ -41,7 +40,6 @@ from fedpsg.launch import (
     wait_for_port,
     write_connection,
 )
-from strategies.local_grid import LocalGrid
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -115,8 +113,15 @@ def simulate_in_process(
     As `flwr run` does, `run_config` overrides the defaults of the app's pyproject.toml.
     Node `i + 1` holds partition `i`. A ClientApp's error reaches the strategy as an error
     reply, as it does in a real federation (the strategy leaves that client out). Returns the
-    nodes' contexts, whose `state` the ClientApp kept across rounds.
+    nodes' contexts, whose `state` the ClientApp kept across rounds. Flower is imported here,
+    not at module level: the Ray path only drives the `flwr` CLI.
     """
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common.config import flatten_dict, get_project_config
+
+    from fedpsg import client_app, server_app
+    from strategies.local_grid import LocalGrid
+
     defaults = flatten_dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
     config = {**defaults, **run_config, "out-dir": str(Path(out_dir).resolve())}
     contexts = {
