@@ -3,14 +3,15 @@
 The 24,378 annotated images (labels + box geometry; no pixels), one seeded held-out test split,
 100 clients of which 5 train per round, 1 local epoch, SGD lr 0.03, batch 16, partitioned over
 the FL-PSG category-map clusters (FL-PSG runs 100 rounds; the default here is 50, what the grid's
-35 federations cost on a few CPU cores in an hour or two):
+45 federations cost on a few CPU cores in a few hours):
 
 - `iid` (FL-PSG's "Random"), `shard` (each client holds one cluster: FL-PSG's
   "Shard-non-IID"), and `alpha=10/1/0.1`: each client's cluster mixture drawn from
   Dirichlet(alpha) with equal client sizes (the builder's `dirichlet-client`).
 
-Every model runs FedAvg on every partition; the best model (`--best-model`, MOTIFS by the
-centralized table in bench/results/psg_models.md) also runs FedSAM and SCAFFOLD. The CL row
+Every model runs FedAvg on every partition; the models in `--strategy-models` also run FedSAM
+and SCAFFOLD: MOTIFS, the best by the centralized table in bench/results/psg_models.md, chosen
+in advance, and VCTree, the best federated model of the FedAvg grid. The CL row
 trains each model on the pooled training images for the same number of passes over the data
 (`fedpsg.centralized.budget_epochs`). Each partition's heterogeneity index (size-weighted JSD to
 the global distribution, over clusters and over predicates) comes from its manifest.
@@ -70,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=APP_DIR / "runs" / "exp_fl_psg")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--best-model", default="motifs", help="also runs --extra-strategies")
+    p.add_argument(
+        "--strategy-models", default="motifs,vctree", help="models that also run --extra-strategies"
+    )
     p.add_argument("--extra-strategies", default="fedsam,scaffold")
     p.add_argument("--partitions", default=",".join(PARTITIONS))
     p.add_argument("--cl", action=argparse.BooleanOptionalAction, default=True)
@@ -119,7 +122,7 @@ def jobs(args: argparse.Namespace) -> list[str]:
     for partition in args.partitions.split(","):
         for model in args.models.split(","):
             names.append(f"{partition}/{model}/fedavg")
-            if model == args.best_model:
+            if model in args.strategy_models.split(","):
                 names += [f"{partition}/{model}/{s}" for s in args.extra_strategies.split(",")]
     if args.cl:
         names += [f"pooled/{model}/CL" for model in args.models.split(",")]
