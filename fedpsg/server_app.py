@@ -184,13 +184,22 @@ class PartitionGrid(Grid):
         """Send, receive, and remember every reply's metrics or error. Replies come back in
         partition order, whatever order they arrived in, so aggregation sums in a fixed order
         and a replay is bit-identical."""
-        replies = sorted(
-            self.grid.send_and_receive(messages, timeout=timeout),
-            key=lambda reply: self.partitions.get(reply.metadata.src_node_id, -1),
-        )
+        messages = list(messages)
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        # pushing set each message's id; a reply the SuperLink wrote for a lost node comes
+        # from the SuperLink, so its partition is that of the node it was sent to
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+
+        def partition(reply: Message) -> int:
+            node = reply.metadata.src_node_id
+            if node not in self.partitions:
+                node = sent_to.get(reply.metadata.reply_to_message_id, node)
+            return self.partitions.get(node, -1)
+
+        replies = sorted(replies, key=partition)
         for reply in replies:
             entry = {
-                "partition-id": self.partitions.get(reply.metadata.src_node_id, -1),
+                "partition-id": partition(reply),
                 "stage": reply.metadata.message_type.split(".")[0],
             }
             if reply.has_error():

@@ -152,11 +152,11 @@ def _kill_in_round(name: str, server_round: int, killed: dict):
 
 
 def test_bad_nodes_and_a_lost_node_do_not_stop_the_run(benchmark, tmp_path):
-    """Four SuperNodes: partition 0 good; partition 1 good but stopped while it trains in the
-    last round; partition 2 with a modified shard; a partition id out of range. Each bad node
-    answers with an error naming the file and the cause, the lost node is logged and recorded,
-    and the run finishes with the nodes left instead of hanging. (One federation for both
-    cases keeps the suite inside its time budget.)"""
+    """Four SuperNodes, three rounds: partition 0 good; partition 1 good but stopped while it
+    trains in round 2; partition 2 with a modified shard; a partition id out of range. Each bad
+    node answers with an error naming the file and the cause, the lost node is logged and
+    recorded under its partition, and round 3 goes on with the nodes left instead of waiting
+    for it. (One federation for both cases keeps the suite inside its time budget.)"""
     bench = tmp_path / "bench"
     shutil.copytree(benchmark, bench)
     shard = bench / "clients" / "client_00002.parquet"
@@ -172,7 +172,7 @@ def test_bad_nodes_and_a_lost_node_do_not_stop_the_run(benchmark, tmp_path):
         tmp_path / "deploy",
         doc=doc,
         during=_kill_in_round("supernode-1", 2, killed),
-        **{"min-train-nodes": 1},
+        **{"min-train-nodes": 1, "num-server-rounds": 3},
     )
     flwr_log = (tmp_path / "deploy" / "logs" / "flwr-run.log").read_text()
     assert "code" in killed, "supernode-1 never received its round-2 train message"
@@ -181,7 +181,7 @@ def test_bad_nodes_and_a_lost_node_do_not_stop_the_run(benchmark, tmp_path):
     rounds = metrics(tmp_path / "deploy" / "results")
 
     # bad configuration: named errors from those nodes, every round
-    for server_round in (1, 2):
+    for server_round in (1, 2, 3):
         clients = rounds[server_round]["clients"]
         errors = {c["partition-id"]: c["error"] for c in clients if "error" in c}
         assert f"{shard}: sha256 does not match the manifest" in errors[2]
@@ -191,14 +191,17 @@ def test_bad_nodes_and_a_lost_node_do_not_stop_the_run(benchmark, tmp_path):
     assert sorted(c["partition-id"] for c in rounds[1]["clients"] if "error" not in c) == [0, 1]
     assert "2 usable replies, 2 left out" in flwr_log
 
-    # the lost node: an error reply in the last round, logged; the run went on with node 0
-    last = rounds[2]["clients"]
-    assert [c["partition-id"] for c in last if "error" not in c] == [0]
-    lost = [c["error"] for c in last if "Node Unavailable" in c.get("error", "")]
-    assert len(lost) == 1 and lost[0] in flwr_log
+    # the lost node: an error reply in round 2, logged; round 3 went on without it
+    second = rounds[2]["clients"]
+    assert [c["partition-id"] for c in second if "error" not in c] == [0]
+    lost = [c for c in second if "Node Unavailable" in c.get("error", "")]
+    assert len(lost) == 1 and lost[0]["error"] in flwr_log
+    assert lost[0]["partition-id"] == 1  # the SuperLink's reply, traced to the lost node
     assert "1 usable replies, 3 left out" in flwr_log
     assert "[Fleet.DeactivateNode]" in (tmp_path / "deploy" / "logs" / "superlink.log").read_text()
-    assert rounds[2]["server"]["loss"] < rounds[0]["server"]["loss"]
+    assert sorted(c["partition-id"] for c in rounds[3]["clients"]) == [0, 2, 7]
+    assert "1 usable replies, 2 left out" in flwr_log
+    assert rounds[3]["server"]["loss"] < rounds[0]["server"]["loss"]
 
 
 def _terminal_sigint() -> None:
