@@ -1,7 +1,9 @@
 """The ClientApp: local training and evaluation of the configured task, one partition per node.
 
 A node's partition comes from its node config (`partition-id`, `num-partitions`: set by the
-simulation engine, or `--node-config` in a deployment). Data that cannot be read becomes an
+simulation engine, or `--node-config` in a deployment); where its data lives may too
+(`benchmark-dir` there overrides the run config's: each node knows its own mounts, the
+researcher who starts the run does not). Data that cannot be read becomes an
 error reply naming the partition and the problem; the server logs it and the round goes on
 with the other clients. Extra ArrayRecords of the train message (e.g. SCAFFOLD's control
 variate) reach the algorithm's client half, the arrays it returns travel back under their
@@ -50,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     pid, num = _partition_of(context)
     config = client_config(context.run_config, msg.content.config_records["config"], pid)
     try:
-        data = _partition(str(config["task"]), _frozen(context.run_config), pid, num)
+        data = _partition(str(config["task"]), _data_config(context), pid, num)
     except (ValueError, OSError) as exc:
         return _error_reply(msg, pid, exc)
     seed_everything(config["seed"])
@@ -84,7 +86,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     pid, num = _partition_of(context)
     config = client_config(context.run_config, msg.content.config_records["config"], pid)
     try:
-        data = _partition(str(config["task"]), _frozen(context.run_config), pid, num)
+        data = _partition(str(config["task"]), _data_config(context), pid, num)
     except (ValueError, OSError) as exc:
         return _error_reply(msg, pid, exc)
     task = _task(str(config["task"]))
@@ -116,8 +118,9 @@ def _partition(task: str, run_config: tuple, pid: int, num: int) -> Any:
     return _task(task).load_partition(dict(run_config), pid, num)
 
 
-def _frozen(config: Any) -> tuple:
-    return tuple(sorted(config.items()))
+def _data_config(context: Context) -> tuple:
+    """The run config with the node's own settings over it, hashable for the cache."""
+    return tuple(sorted({**context.run_config, **context.node_config}.items()))
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:

@@ -106,15 +106,19 @@ def simulate(
 
 
 def simulate_in_process(
-    run_config: Mapping[str, Any], num_supernodes: int, out_dir: Path
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    out_dir: Path,
+    node_configs: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> dict[int, Context]:
     """Run the app's ServerApp and ClientApps in this process through a `LocalGrid`.
 
     As `flwr run` does, `run_config` overrides the defaults of the app's pyproject.toml.
-    Node `i + 1` holds partition `i`. A ClientApp's error reaches the strategy as an error
-    reply, as it does in a real federation (the strategy leaves that client out). Returns the
-    nodes' contexts, whose `state` the ClientApp kept across rounds. Flower is imported here,
-    not at module level: the Ray path only drives the `flwr` CLI.
+    Node `i + 1` holds partition `i`; `node_configs[i]` adds to its node config (as a
+    SuperNode's `--node-config`, e.g. its own `benchmark-dir`). A ClientApp's error reaches
+    the strategy as an error reply, as it does in a real federation (the strategy leaves that
+    client out). Returns the nodes' contexts, whose `state` the ClientApp kept across rounds.
+    Flower is imported here, not at module level: the Ray path only drives the `flwr` CLI.
     """
     from flwr.app import Context, Message, RecordDict
     from flwr.common.config import flatten_dict, get_project_config
@@ -124,11 +128,11 @@ def simulate_in_process(
 
     defaults = flatten_dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
     config = {**defaults, **run_config, "out-dir": str(Path(out_dir).resolve())}
-    contexts = {
-        i + 1: Context(i + 1, i + 1, {"partition-id": i, "num-partitions": num_supernodes},
-                       RecordDict(), config)
-        for i in range(num_supernodes)
-    }  # fmt: skip
+    contexts = {}
+    for i in range(num_supernodes):
+        node_config = {"partition-id": i, "num-partitions": num_supernodes}
+        node_config.update((node_configs or {}).get(i, {}))
+        contexts[i + 1] = Context(i + 1, i + 1, node_config, RecordDict(), config)
 
     def node(context: Context):
         def handle(message: Message) -> RecordDict:

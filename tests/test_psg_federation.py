@@ -131,6 +131,21 @@ def test_a_tampered_shard_is_an_error_reply_and_the_round_goes_on(benchmark_dir,
     assert "client_00002.parquet" in (out / "summary.md").read_text()
 
 
+def test_a_node_reads_its_own_benchmark_dir_and_a_missing_one_is_an_error_reply(
+    benchmark_dir, tmp_path
+):
+    """A node's `benchmark-dir` (a SuperNode's `--node-config`) wins over the run config's; a
+    node whose folder is missing answers with an error naming it, and the round goes on."""
+    missing = tmp_path / "not-mounted"
+    out = tmp_path / "out"
+    config = run_config(benchmark_dir, out, **{"num-server-rounds": 1, "local-epochs": 1})
+    simulate_in_process(config, NUM_CLIENTS, out, node_configs={1: {"benchmark-dir": str(missing)}})
+    clients = json.loads((out / "metrics.json").read_text())["rounds"][1]["clients"]
+    errors = {c["partition-id"]: c["error"] for c in clients if "error" in c}
+    assert list(errors) == [1] and str(missing) in errors[1]
+    assert len([c for c in clients if "error" not in c]) == NUM_CLIENTS - 1
+
+
 def test_a_seeded_run_replays_exactly_and_samples_by_partition(benchmark_dir, tmp_path):
     def run(out: Path) -> list[dict]:
         options = {"num-server-rounds": 2, "fraction-train": 0.6, "min-train-nodes": 3}
