@@ -1,0 +1,100 @@
+"""Seed spread of the diffusion flatness experiment: one table over replicates of the same arms.
+
+`bench.exp_diffusion_flatness --seed S --tag _seedS` replicates a setting with another seed
+(train/test split, initialisation, noise draws, samples). This reads the replicates' result
+files and gives, per arm and measure, the mean and the range over the seeds, so a difference
+between arms can be read against the spread within an arm. Arms missing from any replicate
+are left out.
+
+    python -m bench.diffusion_seeds bench/results/diffusion_flatness_central.json \
+        bench/results/diffusion_flatness_central_seed1.json \
+        --out bench/results/diffusion_flatness_central_seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+MEASURES = {
+    "FID@20": lambda r: r["fid_20"],
+    "FID@100": lambda r: r["fid_100"],
+    "FID@20 8-bit": lambda r: r["fid_20_q8"],
+    "FID@20 4-bit": lambda r: r["fid_20_q4"],
+    "test-loss rise 4-bit": lambda r: r["test_loss_q4"] - r["test_loss"],
+    "lambda_max": lambda r: r["hessian_top_eigenvalue"],
+    "exposure gap@20": lambda r: r["exposure_20"]["mean_gap"],
+}
+PLOTTED = ("FID@100", "lambda_max", "test-loss rise 4-bit")
+
+
+def seed_values(results: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Arm -> measure -> one value per replicate, for the arms every replicate has."""
+    by_run = [{row["arm"]: row for row in result["arms"]} for result in results]
+    arms = [arm for arm in by_run[0] if all(arm in run for run in by_run)]
+    return {
+        arm: {name: [float(read(run[arm])) for run in by_run] for name, read in MEASURES.items()}
+        for arm in arms
+    }
+
+
+def _cell(values: list[float]) -> str:
+    digits = 4 if max(abs(v) for v in values) < 1 else 1
+    return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f} to {max(values):.{digits}f})"
+
+
+def table(values: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
+    lines = [
+        f"Mean (min to max) over seeds {', '.join(map(str, seeds))}.",
+        "",
+        "| arm | " + " | ".join(MEASURES) + " |",
+        "| --- |" + " ---: |" * len(MEASURES),
+    ]
+    for arm, measures in values.items():
+        lines.append(f"| {arm} | " + " | ".join(_cell(v) for v in measures.values()) + " |")
+    return "\n".join(lines)
+
+
+def plot(values: dict[str, dict[str, list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 4))
+    arms = list(values)
+    for ax, name in zip(axes, PLOTTED, strict=True):
+        for x, arm in enumerate(arms):
+            ys = values[arm][name]
+            ax.scatter([x] * len(ys), ys, color="tab:blue", s=14)
+            ax.hlines(np.mean(ys), x - 0.3, x + 0.3, color="black")
+        ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
+        ax.set_title(name)
+        if name == "lambda_max":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=Path, help="result JSONs, one per seed")
+    p.add_argument("--out", type=Path, required=True, help="output stem (.md, .json, .png)")
+    args = p.parse_args(argv)
+    results = [json.loads(path.read_text()) for path in args.results]
+    seeds = [int(result["config"]["seed"]) for result in results]
+    values = seed_values(results)
+    text = table(values, seeds)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    payload = {"seeds": seeds, "files": [str(p) for p in args.results], "arms": values}
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    plot(values, args.out.with_suffix(".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
