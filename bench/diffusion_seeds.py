@@ -2,9 +2,9 @@
 
 `bench.exp_diffusion_flatness --seed S --tag _seedS` replicates a setting with another seed
 (train/test split, initialisation, noise draws, samples). This reads the replicates' result
-files and gives, per arm and measure, the mean and the range over the seeds, so a difference
-between arms can be read against the spread within an arm. Arms missing from any replicate
-are left out.
+files (files of the same seed, e.g. arms run in two batches, are merged) and gives, per arm
+and measure, the mean and the range over the seeds, so a difference between arms can be read
+against the spread within an arm. Arms missing from any seed are left out.
 
     python -m bench.diffusion_seeds bench/results/diffusion_flatness_central.json \
         bench/results/diffusion_flatness_central_seed1.json \
@@ -31,9 +31,19 @@ MEASURES = {
 PLOTTED = ("FID@100", "lambda_max", "test-loss rise 4-bit")
 
 
+def by_seed(results: list[dict]) -> dict[int, dict[str, dict]]:
+    """Seed -> arm -> result row, merging the files of one seed."""
+    seeds: dict[int, dict[str, dict]] = {}
+    for result in results:
+        rows = seeds.setdefault(int(result["config"]["seed"]), {})
+        rows.update({row["arm"]: row for row in result["arms"]})
+    return seeds
+
+
 def seed_values(results: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """Arm -> measure -> one value per replicate, for the arms every replicate has."""
-    by_run = [{row["arm"]: row for row in result["arms"]} for result in results]
+    """Arm -> measure -> one value per seed (ascending), for the arms every seed has."""
+    seeds = by_seed(results)
+    by_run = [seeds[seed] for seed in sorted(seeds)]
     arms = [arm for arm in by_run[0] if all(arm in run for run in by_run)]
     return {
         arm: {name: [float(read(run[arm])) for run in by_run] for name, read in MEASURES.items()}
@@ -82,11 +92,11 @@ def plot(values: dict[str, dict[str, list[float]]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", type=Path, help="result JSONs, one per seed")
+    p.add_argument("results", nargs="+", type=Path, help="result JSONs of the seeds")
     p.add_argument("--out", type=Path, required=True, help="output stem (.md, .json, .png)")
     args = p.parse_args(argv)
     results = [json.loads(path.read_text()) for path in args.results]
-    seeds = [int(result["config"]["seed"]) for result in results]
+    seeds = sorted(by_seed(results))
     values = seed_values(results)
     text = table(values, seeds)
     args.out.with_suffix(".md").write_text(text + "\n")

@@ -21,13 +21,14 @@ def _row(arm: str, fid: float, eig: float) -> dict:
     }
 
 
-def test_seed_values_keep_the_arms_every_replicate_has(tmp_path):
+def test_seed_values_merge_a_seeds_files_and_keep_the_arms_every_seed_has(tmp_path):
     runs = [
         {
             "config": {"seed": 0},
             "arms": [_row("base", 80, 74), _row("sam", 140, 5), _row("x", 1, 1)],
         },
-        {"config": {"seed": 1}, "arms": [_row("sam", 100, 6), _row("base", 40, 84)]},
+        {"config": {"seed": 1}, "arms": [_row("sam", 100, 6)]},
+        {"config": {"seed": 1}, "arms": [_row("base", 40, 84)]},  # same seed, another batch
     ]
     values = seed_values(runs)
     assert list(values) == ["base", "sam"]
