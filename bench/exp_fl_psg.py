@@ -11,8 +11,8 @@ the FL-PSG category-map clusters (FL-PSG runs 100 rounds; the default here is 50
 
 Every model runs FedAvg on every partition; the models in `--strategy-models` also run FedSAM
 and SCAFFOLD: MOTIFS, the best by the centralized table in bench/results/psg_models.md, chosen
-in advance, and VCTree, the best federated model of the FedAvg grid. The CL row
-trains each model on the pooled training images for the same number of passes over the data
+in advance, and VCTree, the best federated model of the FedAvg grid. The CL row trains each
+model on the pooled training images for the same number of passes over the data
 (`fedpsg.centralized.budget_epochs`). Each partition's heterogeneity index (size-weighted JSD to
 the global distribution, over clusters and over predicates) comes from its manifest.
 

@@ -185,7 +185,7 @@ class PartitionGrid(Grid):
         partition order, whatever order they arrived in, so aggregation sums in a fixed order
         and a replay is bit-identical."""
         messages = list(messages)
-        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         # pushing set each message's id; a reply the SuperLink wrote for a lost node comes
         # from the SuperLink, so its partition is that of the node it was sent to
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -196,7 +196,7 @@ class PartitionGrid(Grid):
                 node = sent_to.get(reply.metadata.reply_to_message_id, node)
             return self.partitions.get(node, -1)
 
-        replies = sorted(replies, key=partition)
+        replies.sort(key=partition)
         for reply in replies:
             entry = {
                 "partition-id": partition(reply),

@@ -30,8 +30,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import tomli_w
 import typer
 
-if TYPE_CHECKING:
-    from flwr.app import Context
 from fedpsg.launch import (
     ManagedProcesses,
     flwr_env,
@@ -40,6 +38,9 @@ from fedpsg.launch import (
     wait_for_port,
     write_connection,
 )
+
+if TYPE_CHECKING:  # Flower itself is imported only where the in-process engine runs
+    from flwr.app import Context
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
