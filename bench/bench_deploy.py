@@ -32,9 +32,9 @@ from rich.table import Table
 
 from benchmark_builder.build import BuildConfig, build_benchmark
 from benchmark_builder.synthetic import generate_synthetic_psg
-from fedpsg.deploy import ROOT, Deployment, app_run_config, local_paths, plan_federation
-from fedpsg.simulate import simulate
-from fedpsg.task import load_task
+from fedpsg.app.task import load_task
+from fedpsg.run.deploy import ROOT, Deployment, app_run_config, local_paths, plan_federation
+from fedpsg.run.simulate import simulate
 
 RESULTS = ROOT / "bench" / "results"
 RUN = {

@@ -6,11 +6,11 @@ and an evaluation of the global model on the test split before the first and aft
 round. Three ways of running it, timed in the same process, one after another:
 
 - `loop`: plain Python - for each round, for each client, train; average; evaluate. The same
-  seeds as the app (fedpsg.federation.round_seed), so the same work.
+  seeds as the app (fedpsg.app.config.round_seed), so the same work.
 - `in-process`: the real ServerApp and ClientApp, their messages delivered in this process by
   `strategies.local_grid.LocalGrid` (Flower's Message API, strategy and app logic; no Ray, no
   SuperLink, no serialisation).
-- `flwr run`: `fedpsg.simulate` - a SuperLink in simulation mode, `flwr run`, Ray actors;
+- `flwr run`: `fedpsg.run.simulate` - a SuperLink in simulation mode, `flwr run`, Ray actors;
   with 1 CPU per ClientApp two clients train side by side on 2 cores, with 2 CPUs one at a
   time, like the loop.
 
@@ -40,9 +40,9 @@ from rich.table import Table
 
 from benchmark_builder.build import BuildConfig, build_benchmark
 from benchmark_builder.synthetic import generate_synthetic_psg
-from fedpsg.federation import client_config, seed_everything
-from fedpsg.simulate import simulate, simulate_in_process
-from fedpsg.task import load_task
+from fedpsg.app.config import client_config, seed_everything
+from fedpsg.app.task import load_task
+from fedpsg.run.simulate import simulate, simulate_in_process
 from strategies import client_half
 from strategies.server import weighted_mean
 
@@ -108,7 +108,7 @@ def in_process(config: dict, num_clients: int, out: Path) -> dict:
 
 
 def flwr_simulation(config: dict, num_clients: int, out: Path, cpus_per_client: int) -> dict:
-    """`flwr run` on a fresh simulation SuperLink (fedpsg.simulate)."""
+    """`flwr run` on a fresh simulation SuperLink (fedpsg.run.simulate)."""
     start = time.perf_counter()
     code = simulate(
         config, num_clients, out, cpus_per_client=cpus_per_client, stream=False, timeout=1800

@@ -4,7 +4,7 @@ Arms (same data, model, optimizer and image budget): baseline SGD, +EMA, +SWA, +
 radii rho, +SAM+EMA; each centralized (one client holding all training images, one round = one
 epoch) and federated (clients from a Dirichlet split over labels, `--local-epochs` per round,
 FedAvg aggregation). Every arm is a run of the Flower app itself (`task = "diffusion"`): its
-ServerApp and ClientApps in one process through `fedpsg.simulate.simulate_in_process`
+ServerApp and ClientApps in one process through `fedpsg.run.simulate.simulate_in_process`
 (Flower's Message API over a LocalGrid, no Ray or network), so the strategies' real client
 halves, aggregation and server-side EMA/SWA train it, and the served model is evaluated.
 
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_arm(args: argparse.Namespace, arm: dict, device: torch.device, out: Path):
     """One run of the Flower app for this arm; returns the served model and its history."""
-    from fedpsg.simulate import simulate_in_process
+    from fedpsg.run.simulate import simulate_in_process
 
     central = args.setting == "central"
     clients = 1 if central else args.clients

@@ -13,11 +13,11 @@ Every model runs FedAvg on every partition; the models in `--strategy-models` al
 and SCAFFOLD: MOTIFS, the best by the centralized table in bench/results/psg_models.md, chosen
 in advance, and VCTree, the best federated model of the FedAvg grid. The CL row trains each
 model on the pooled training images for the same number of passes over the data
-(`fedpsg.centralized.budget_epochs`). Each partition's heterogeneity index (size-weighted JSD to
+(`fedpsg.psg.centralized.budget_epochs`). Each partition's heterogeneity index (size-weighted JSD to
 the global distribution, over clusters and over predicates) comes from its manifest.
 
 Each (partition, model, strategy) is one federation of the real ServerApp and ClientApp run
-in-process (`fedpsg.simulate.simulate_in_process`: Flower's Message API through a LocalGrid, no
+in-process (`fedpsg.run.simulate.simulate_in_process`: Flower's Message API through a LocalGrid, no
 Ray start-up), in its own worker process with one torch thread, `--workers` at a time. A
 finished job is not run again, so the grid can be stopped and resumed or run in pieces on
 several machines (`--only`) and gathered in one place.
@@ -46,9 +46,9 @@ import torch
 from tqdm import tqdm
 
 from benchmark_builder.build import BuildConfig, build_benchmark
-from fedpsg.centralized import budget_epochs, run_centralized, write_outputs
-from fedpsg.run_outputs import round_metrics
-from fedpsg.simulate import APP_DIR, simulate_in_process
+from fedpsg.app.outputs import round_metrics
+from fedpsg.psg.centralized import budget_epochs, run_centralized, write_outputs
+from fedpsg.run.simulate import APP_DIR, simulate_in_process
 
 DATA = APP_DIR.parent / "shared" / "data"
 PSG = DATA / "psg_annotations.json.gz"

@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from benchmark_builder.psg import load_psg
 from benchmark_builder.shards import image_row
-from fedpsg.models import ModelSpec, build_model
-from fedpsg.models.base import FrequencyBias
-from fedpsg.psg_data import GEOMETRY_DIM, PAIR_GEOMETRY_DIM, Scene, scenes_from_rows
-from fedpsg.psg_train import evaluate, frequency_prior, train
+from fedpsg.psg.data import GEOMETRY_DIM, PAIR_GEOMETRY_DIM, Scene, scenes_from_rows
+from fedpsg.psg.models import ModelSpec, build_model
+from fedpsg.psg.models.base import FrequencyBias
+from fedpsg.psg.train import evaluate, frequency_prior, train
 from strategies.base import ClientHalf
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmark_builder.cli import app as build_cli
-from fedpsg.run_outputs import round_metrics
-from fedpsg.simulate import APP_DIR, num_clients, simulate
+from fedpsg.app.outputs import round_metrics
+from fedpsg.run.simulate import APP_DIR, num_clients, simulate
 
 console = Console()
 

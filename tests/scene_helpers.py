@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from fedpsg.psg_data import Scene, segment_geometry
+from fedpsg.psg.data import Scene, segment_geometry
 
 NUM_CLASSES, NUM_PREDICATES, VISUAL_DIM = 9, 5, 6
 

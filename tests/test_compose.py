@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpsg import compose
-from fedpsg.deploy import COMPOSE_FILE, TLS_OVERLAY, app_run_config, local_paths, plan_federation
+from fedpsg.run import compose
+from fedpsg.run.deploy import (
+    COMPOSE_FILE,
+    TLS_OVERLAY,
+    app_run_config,
+    local_paths,
+    plan_federation,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FLWR = importlib.metadata.version("flwr")
@@ -36,7 +42,9 @@ def listening(doc):
 
 def test_committed_files_are_what_the_spec_writes():
     for relative, text in compose.compose_files(3).items():
-        assert (ROOT / relative).read_text() == text, f"{relative} drifted from fedpsg/compose.py"
+        assert (ROOT / relative).read_text() == text, (
+            f"{relative} drifted from fedpsg/run/compose.py"
+        )
 
 
 def test_services_and_images_pinned_to_the_installed_flower():
@@ -125,7 +133,7 @@ def test_tls_overlay_secures_every_link_and_authenticates_every_node():
     assert "--enable-supernode-auth" in superlink
     assert compose.flag_value(superlink, "--ssl-certfile") == f"{certs}/server.crt"
     register = TLS["services"]["register-supernodes"]
-    assert register["entrypoint"] == ["python", "-m", "fedpsg.deploy", "register"]
+    assert register["entrypoint"] == ["python", "-m", "fedpsg", "deploy", "register"]
     for i, (name, node) in enumerate(supernodes(TLS).items()):
         command = node["command"]
         key = compose.flag_value(command, "--auth-supernode-private-key")

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from benchmark_builder.build import BuildConfig, build_benchmark
 from benchmark_builder.synthetic import generate_synthetic_psg
-from fedpsg import compose
-from fedpsg.deploy import (
+from fedpsg.run import compose
+from fedpsg.run.deploy import (
     COMPOSE_FILE,
     Deployment,
     DeploymentError,
@@ -32,8 +32,8 @@ from fedpsg.deploy import (
     local_paths,
     plan_federation,
 )
-from fedpsg.launch import free_port
-from fedpsg.simulate import simulate
+from fedpsg.run.processes import free_port
+from fedpsg.run.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
@@ -219,7 +219,7 @@ def test_ctrl_c_stops_every_process(benchmark, tmp_path, rounds, log, mark):
     """Ctrl-C while the federation comes up, or while it runs: the command fails, and every
     process it started is gone afterwards."""
     run_dir = tmp_path / "deploy"
-    cmd = [sys.executable, "-m", "fedpsg.deploy", "local", "--benchmark", str(benchmark),
+    cmd = [sys.executable, "-m", "fedpsg", "deploy", "local", "--benchmark", str(benchmark),
            "--run-dir", str(run_dir), "--rounds", str(rounds)]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -7,10 +7,10 @@ import time
 import pytest
 from cryptography import x509
 
-from fedpsg import compose
-from fedpsg.certs import make_certificates, server_names, write_node_key
-from fedpsg.deploy import Deployment, plan_federation
-from fedpsg.launch import free_port
+from fedpsg.run import compose
+from fedpsg.run.certs import make_certificates, server_names, write_node_key
+from fedpsg.run.deploy import Deployment, plan_federation
+from fedpsg.run.processes import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedpsg.simulate import simulate
+from fedpsg.run.simulate import simulate
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from PIL import Image
 
 from diffusion_clients.data import dirichlet_partition, load_images
 from diffusion_clients.train import DenoisingLoss
-from fedpsg.task import load_task
+from fedpsg.app.task import load_task
 from strategies import client_half
 from strategies.base import train_local
 

@@ -11,10 +11,11 @@ from conftest import build_synthetic_benchmark
 from typer.testing import CliRunner
 
 from benchmark_builder.shards import image_row
-from fedpsg.centralized import app, budget_epochs, run_centralized, write_outputs
-from fedpsg.models import ModelSpec, build_model
-from fedpsg.psg_data import GEOMETRY_DIM, PAIR_GEOMETRY_DIM, scenes_from_rows
-from fedpsg.psg_train import evaluate, frequency_prior, train
+from fedpsg.psg.centralized import budget_epochs, run_centralized, write_outputs
+from fedpsg.psg.data import GEOMETRY_DIM, PAIR_GEOMETRY_DIM, scenes_from_rows
+from fedpsg.psg.models import ModelSpec, build_model
+from fedpsg.psg.train import evaluate, frequency_prior, train
+from fedpsg.run.cli import app
 from strategies.base import ClientHalf
 
 KEYS = [f"{m}@{k}" for m in ("R", "mR") for k in (20, 50, 100)]
@@ -56,7 +57,9 @@ def test_motifs_clearly_beats_frequency_on_synthetic(synthetic_benchmark, tmp_pa
 
 
 def test_cli_reports_a_missing_benchmark_and_budget_matches_rounds(tmp_path):
-    outcome = CliRunner().invoke(app, [str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    outcome = CliRunner().invoke(
+        app, ["centralized", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    )
     assert outcome.exit_code == 1 and "no manifest" in outcome.output
     assert not (tmp_path / "o").exists()
     # FL-PSG: 100 rounds, 5 of 100 clients, 1 local epoch = 5 passes over the pooled data.

@@ -20,10 +20,10 @@ import pytest
 import torch
 from conftest import build_synthetic_benchmark
 
-from fedpsg.federation import round_seed
-from fedpsg.launch import ManagedProcesses, format_run_config, write_connection
-from fedpsg.simulate import simulate, simulate_in_process
-from fedpsg.task import load_task
+from fedpsg.app.config import round_seed
+from fedpsg.app.task import load_task
+from fedpsg.run.processes import ManagedProcesses, format_run_config, write_connection
+from fedpsg.run.simulate import simulate, simulate_in_process
 
 NUM_CLIENTS = 5
 STRATEGIES = ("fedavg", "fedprox", "fedsam", "scaffold")
@@ -234,7 +234,7 @@ def _alive(pid: int) -> bool:
 
 def test_simulate_cli_refuses_a_missing_benchmark(tmp_path):
     proc = subprocess.run(
-        [".venv/bin/python", "-m", "fedpsg.simulate", str(tmp_path / "nope")],
+        [".venv/bin/python", "-m", "fedpsg", "simulate", str(tmp_path / "nope")],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,

@@ -5,8 +5,7 @@ import pytest
 import torch
 from scene_helpers import NUM_CLASSES, NUM_PREDICATES, VISUAL_DIM, random_scene
 
-from fedpsg.models import MODELS, ModelSpec, build_model
-from fedpsg.psg_data import (
+from fedpsg.psg.data import (
     GEOMETRY_DIM,
     GEOMETRY_FEATURES,
     PAIR_GEOMETRY_DIM,
@@ -17,7 +16,8 @@ from fedpsg.psg_data import (
     scene_from_row,
     scenes_from_rows,
 )
-from fedpsg.psg_train import RelationLoss, frequency_prior
+from fedpsg.psg.models import MODELS, ModelSpec, build_model
+from fedpsg.psg.train import RelationLoss, frequency_prior
 
 
 def scenes(visual: bool) -> list:

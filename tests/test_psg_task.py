@@ -8,8 +8,8 @@ import torch
 from conftest import build_synthetic_benchmark
 
 from benchmark_builder.shards import BenchmarkError
-from fedpsg.psg_data import VisualFeaturizer
-from fedpsg.task import load_task
+from fedpsg.app.task import load_task
+from fedpsg.psg.data import VisualFeaturizer
 from strategies.base import ClientHalf
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fedpsg.models.base import RelationOutput
-from fedpsg.psg_data import Scene, collate
-from fedpsg.recall import RecallAccumulator
+from fedpsg.psg.data import Scene, collate
+from fedpsg.psg.models.base import RelationOutput
+from fedpsg.psg.recall import RecallAccumulator
 
 # Image A: 3 segments, all 6 ordered pairs; columns = [background, p0, p1, p2].
 PAIRS_A = torch.tensor([[0, 1], [0, 2], [1, 0], [1, 2], [2, 0], [2, 1]])

@@ -11,22 +11,22 @@ from scipy.sparse.csgraph import minimum_spanning_tree
 
 from benchmark_builder.psg import load_psg
 from benchmark_builder.synthetic import generate_synthetic_psg
-from fedpsg.models import ModelSpec, build_model
-from fedpsg.models.gpsnet import (
-    DirectionAwareMessagePassing,
-    node_priority,
-    nps_loss,
-    segment_softmax,
-)
-from fedpsg.models.vctree import VCTreeOutput, build_forest, prim_tree
-from fedpsg.psg_data import (
+from fedpsg.psg.data import (
     GEOMETRY_DIM,
     PAIR_GEOMETRY_DIM,
     Scene,
     collate,
     scenes_from_rows,
 )
-from fedpsg.psg_train import RelationLoss, SceneLoader, evaluate, frequency_prior
+from fedpsg.psg.models import ModelSpec, build_model
+from fedpsg.psg.models.gpsnet import (
+    DirectionAwareMessagePassing,
+    node_priority,
+    nps_loss,
+    segment_softmax,
+)
+from fedpsg.psg.models.vctree import VCTreeOutput, build_forest, prim_tree
+from fedpsg.psg.train import RelationLoss, SceneLoader, evaluate, frequency_prior
 from strategies.base import ClientHalf, train_local
 
 NEW_MODELS = ["vctree", "gpsnet"]

@@ -1,4 +1,4 @@
-"""The PSG task: relation models on a benchmark folder, behind the `fedpsg.task.Task` surface.
+"""The PSG task: relation models on a benchmark folder, behind the `fedpsg.app.task.Task` surface.
 
 Run-config keys read here (kebab-case, as Flower's): `benchmark-dir` (absolute path),
 `model` ("motifs"), `mode` ("predcls" | "sgcls"), `features` ("auto" | "geometry" | "visual";
@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from benchmark_builder.shards import Benchmark, BenchmarkError, open_benchmark
-from fedpsg.models import ModelSpec, build_model
-from fedpsg.psg_data import (
+from fedpsg.psg.data import (
     GEOMETRY_DIM,
     PAIR_GEOMETRY_DIM,
     Scene,
@@ -31,9 +30,11 @@ from fedpsg.psg_data import (
     VisualFeaturizer,
     scenes_from_rows,
 )
-from fedpsg.psg_train import evaluate, train
-from fedpsg.task import RunConfig
+from fedpsg.psg.models import ModelSpec, build_model
+from fedpsg.psg.train import evaluate, train
 from strategies.base import ArrayDict, ClientHalf
+
+RunConfig = Mapping[str, bool | int | float | str]  # as the Flower app passes it
 
 FEATURES = ("auto", "geometry", "visual")
 _MODEL_PREFIX = "model-"

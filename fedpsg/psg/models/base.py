@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedpsg.psg_data import SceneBatch
+from fedpsg.psg.data import SceneBatch
 
 MODES = ("predcls", "sgcls")
 # Object logits returned in PredCls: softmax of one-hot * this is one-hot to float precision.

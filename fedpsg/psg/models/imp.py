@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedpsg.models.base import (
+from fedpsg.psg.data import SceneBatch
+from fedpsg.psg.models.base import (
     LabelEmbedding,
     ModelSpec,
     ObjectEncoder,
@@ -15,7 +16,6 @@ from fedpsg.models.base import (
     pair_mlp,
     register,
 )
-from fedpsg.psg_data import SceneBatch
 
 
 def _mean_into(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:

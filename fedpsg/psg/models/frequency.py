@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fedpsg.models.base import (
+from fedpsg.psg.data import SceneBatch
+from fedpsg.psg.models.base import (
     FrequencyBias,
     ModelSpec,
     ObjectEncoder,
@@ -14,7 +15,6 @@ from fedpsg.models.base import (
     pair_labels,
     register,
 )
-from fedpsg.psg_data import SceneBatch
 
 
 @register("frequency")

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
-from fedpsg.models.base import (
+from fedpsg.psg.data import GEOMETRY_FEATURES, SceneBatch
+from fedpsg.psg.models.base import (
     FrequencyBias,
     LabelEmbedding,
     ModelSpec,
@@ -19,7 +20,6 @@ from fedpsg.models.base import (
     pair_mlp,
     register,
 )
-from fedpsg.psg_data import GEOMETRY_FEATURES, SceneBatch
 
 _CENTRE_X = GEOMETRY_FEATURES.index("centre_x")
 

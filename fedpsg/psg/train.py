@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedpsg.models.base import RelationModel, check_mode
-from fedpsg.psg_data import Scene, SceneBatch, collate
-from fedpsg.recall import RecallAccumulator
+from fedpsg.psg.data import Scene, SceneBatch, collate
+from fedpsg.psg.models.base import RelationModel, check_mode
+from fedpsg.psg.recall import RecallAccumulator
 from strategies.base import ArrayDict, ClientHalf, train_local
 
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedpsg.models.base import (
+from fedpsg.psg.data import SceneBatch
+from fedpsg.psg.models.base import (
     FrequencyBias,
     LabelEmbedding,
     ModelSpec,
@@ -44,7 +45,6 @@ from fedpsg.models.base import (
     pair_mlp,
     register,
 )
-from fedpsg.psg_data import SceneBatch
 
 
 @dataclass

@@ -6,7 +6,7 @@ docker-compose services and the loopback addresses, so the same files serve the 
 the local federation. Each SuperNode gets an EC P-384 key pair in OpenSSH format, the format
 `flower-supernode --auth-supernode-private-key` and `flwr supernode register` read.
 
-Usage: `python -m fedpsg.certs OUT_DIR --nodes 3` writes
+Usage: `fedpsg certs OUT_DIR --nodes 3` writes
 `ca.crt ca.key server.crt server.key supernode-<i> supernode-<i>.pub`.
 """
 
@@ -156,10 +156,6 @@ def make_certificates(out: Path, num_nodes: int, *, extra_names: Iterable[str] =
     return out
 
 
-cli = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
-
-
-@cli.command()
 def main(
     out: Annotated[Path, typer.Argument(help="Folder to write the certificates and keys into.")],
     nodes: Annotated[int, typer.Option(min=1, help="Number of SuperNode key pairs.")] = 3,
@@ -170,7 +166,3 @@ def main(
     """Make the CA, the server certificate and the SuperNode key pairs."""
     make_certificates(out, nodes, extra_names=name or ())
     typer.echo(f"wrote CA, server certificate and {nodes} SuperNode key pairs to {out}")
-
-
-if __name__ == "__main__":
-    cli()

@@ -47,7 +47,7 @@ class Task(Protocol):
 
 
 TASKS = {
-    "psg": "fedpsg.psg_task:PSGTask",
+    "psg": "fedpsg.psg.task:PSGTask",
     "diffusion": "diffusion_clients.task:DiffusionTask",
 }
 

@@ -1,6 +1,6 @@
 """Run the Flower app as a Ray simulation with `flwr run`, and stop everything afterwards.
 
-    python -m fedpsg.simulate BENCHMARK_DIR --out-dir runs/fedavg --rounds 5 -c strategy=fedprox
+    fedpsg simulate BENCHMARK_DIR --out-dir runs/fedavg --rounds 5 -c strategy=fedprox
 
 Flower's `:local:` connection starts a background SuperLink on fixed ports that outlives the
 command. Instead this starts `flower-superlink --simulation` on a free port as a managed
@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import json
 import os
-import sys
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,7 +29,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import tomli_w
 import typer
 
-from fedpsg.launch import (
+from fedpsg.app.config import parse_run_config
+from fedpsg.run.processes import (
     ManagedProcesses,
     flwr_env,
     flwr_run,
@@ -42,7 +42,7 @@ from fedpsg.launch import (
 if TYPE_CHECKING:  # Flower itself is imported only where the in-process engine runs
     from flwr.app import Context
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]
 
 
 def default_flwr_home() -> Path:
@@ -124,7 +124,7 @@ def simulate_in_process(
     from flwr.app import Context, Message, RecordDict
     from flwr.common.config import flatten_dict, get_project_config
 
-    from fedpsg import client_app, server_app
+    from fedpsg.app import client_app, server_app
     from strategies.local_grid import LocalGrid
 
     defaults = flatten_dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
@@ -181,24 +181,6 @@ def _locked(flwr_home: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs, values parsed as TOML scalars (bare words are strings)."""
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"expected key=value, got {pair!r}")
-        try:
-            overrides[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-cli = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
-
-
-@cli.command()
 def main(
     benchmark_dir: Annotated[Path, typer.Argument(help="Benchmark folder (manifest.json).")],
     out_dir: Annotated[Path, typer.Option(help="Where the run's outputs go.")] = Path("runs/sim"),
@@ -206,7 +188,12 @@ def main(
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox, fedsam, scaffold")] = "fedavg",
     model: Annotated[str, typer.Option(help="Relation model of the PSG task.")] = "motifs",
     config: Annotated[
-        list[str] | None, typer.Option("--config", "-c", help="Run config override key=value.")
+        list[str] | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Run config as `flwr run -c` reads it: 'lr=0.05 model=\"vctree\"'.",
+        ),
     ] = None,
     cpus_per_client: Annotated[int, typer.Option(help="Ray CPUs per ClientApp.")] = 1,
     engine: Annotated[
@@ -217,6 +204,10 @@ def main(
     """Simulate a federation over BENCHMARK_DIR's clients and print the final table."""
     benchmark_dir = benchmark_dir.resolve()
     try:
+        overrides = parse_run_config(config)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="-c") from None
+    try:
         supernodes = num_clients(benchmark_dir)
     except (OSError, ValueError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
@@ -226,7 +217,7 @@ def main(
         "num-server-rounds": rounds,
         "strategy": strategy,
         "model": model,
-        **parse_overrides(config or []),
+        **overrides,
     }
     if engine == "in-process":
         simulate_in_process(run_config, supernodes, out_dir)
@@ -244,7 +235,3 @@ def main(
     if code != 0:
         typer.secho(f"simulation failed (exit {code}); see {out_dir / 'flwr_run.log'}", err=True)
         raise typer.Exit(code)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -28,9 +28,9 @@ from flwr.app import (
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedpsg.federation import output_dir, seed_everything, strategy_kwargs
-from fedpsg.run_outputs import RunRecorder, write_comparison
-from fedpsg.task import Task, load_task
+from fedpsg.app.config import output_dir, seed_everything, strategy_kwargs
+from fedpsg.app.outputs import RunRecorder, write_comparison
+from fedpsg.app.task import Task, load_task
 from strategies import server_options, server_strategy
 
 PARTITION = "partition"  # ConfigRecord key of the QUERY reply

@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedpsg.federation import WEIGHT  # noqa: E402
+from fedpsg.app.config import WEIGHT  # noqa: E402
 
 
 class RunRecorder:

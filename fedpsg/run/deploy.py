@@ -1,6 +1,6 @@
 """A Flower deployment on this machine: the docker-compose federation as loopback processes.
 
-`python -m fedpsg.deploy local --benchmark DIR --nodes 3 --rounds 2` reads docker-compose.yml
+`fedpsg deploy local --benchmark DIR --nodes 3 --rounds 2` reads docker-compose.yml
 (plus docker/compose.tls.yml with `--tls`), starts exactly its services - SuperLink, the
 ServerApp's SuperExec, and per node a SuperNode with its ClientApp's SuperExec - as processes on
 127.0.0.1 with free ports, runs the app with `flwr run <app> <connection> --stream`, and stops
@@ -26,7 +26,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,9 +35,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fedpsg import compose
-from fedpsg.certs import make_certificates
-from fedpsg.launch import (
+from fedpsg.app.config import parse_run_config
+from fedpsg.run import compose
+from fedpsg.run.certs import make_certificates
+from fedpsg.run.processes import (
     ManagedProcesses,
     flwr_env,
     flwr_run,
@@ -47,7 +47,7 @@ from fedpsg.launch import (
     write_connection,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 TLS_OVERLAY = ROOT / "docker" / "compose.tls.yml"
 CONNECTION = "fedpsg-deploy"
@@ -100,7 +100,7 @@ def _supernodes(doc: Mapping[str, Any]) -> list[str]:
 
 class Deployment:
     """Runs a `LocalPlan`: starts its services in dependency order, one log each, and stops
-    all of them by pid on exit, on error or on Ctrl-C (`fedpsg.launch.ManagedProcesses`, one
+    all of them by pid on exit, on error or on Ctrl-C (`fedpsg.run.processes.ManagedProcesses`, one
     per service, stopped concurrently as `docker compose down` does).
 
     Parameters
@@ -347,20 +347,6 @@ def register_supernodes(
     return node_ids
 
 
-def _parse_overrides(pairs: Sequence[str]) -> dict[str, bool | int | float | str]:
-    """`key=value` pairs with TOML values, as `flwr run --run-config` reads them."""
-    config = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{pair!r}: expected key=value")
-        try:
-            config[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            config[key.strip()] = value
-    return config
-
-
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
 
@@ -374,10 +360,11 @@ def local(
     ] = None,
     tls: Annotated[bool, typer.Option(help="TLS and SuperNode authentication.")] = False,
     certs: Annotated[
-        Path | None, typer.Option(help="Certificates from fedpsg.certs (default: made).")
+        Path | None, typer.Option(help="Certificates from fedpsg.run.certs (default: made).")
     ] = None,
     config: Annotated[
-        list[str] | None, typer.Option("--run-config", "-c", help="Extra run config key=value.")
+        list[str] | None,
+        typer.Option("--run-config", "-c", help="Run config as `flwr run -c` reads it."),
     ] = None,
     compose_file: Annotated[Path, typer.Option("--compose")] = COMPOSE_FILE,
     timeout: Annotated[float, typer.Option(help="Seconds before the run is stopped.")] = 3600,
@@ -391,7 +378,10 @@ def local(
     _, plan = plan_federation(
         benchmark.resolve(), run_dir, nodes=nodes, tls=tls, certs=certs, compose_file=compose_file
     )
-    overrides = {"num-server-rounds": rounds, **_parse_overrides(config or [])}
+    try:
+        overrides = {"num-server-rounds": rounds, **parse_run_config(config)}
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="-c") from None
     run_config = app_run_config(local_paths(benchmark.resolve(), run_dir, certs), overrides)
     ca = certs / "ca.crt" if tls and certs is not None else None
     console = Console(stderr=True)
@@ -440,7 +430,3 @@ def write_compose(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         typer.echo(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    cli()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpsg.task import RunConfig
+from fedpsg.app.task import RunConfig
 
 WEIGHT = "num-examples"  # the metric replies are weighted by, as Flower's FedAvg names it
 
@@ -89,3 +89,17 @@ def output_dir(config: RunConfig, run_id: int) -> Path:
     if not path.is_absolute():
         raise ValueError(f"run config out-dir must be an absolute path, got {value!r}")
     return path
+
+
+def parse_run_config(pairs: list[str] | None) -> dict[str, bool | int | float | str]:
+    """`-c` arguments read exactly as `flwr run --run-config` reads them (Flower's own parser):
+    space-separated `key=value` pairs with TOML values, strings quoted (`model='vctree'`), or
+    one `.toml` file. Raises ValueError naming the offending argument."""
+    from click import ClickException
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args(pairs or None)
+    except (ClickException, ValueError, OSError) as exc:
+        message = exc.message if isinstance(exc, ClickException) else str(exc)
+        raise ValueError(f"run config {' '.join(pairs or [])!r}: {message}") from None

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedpsg.models.base import (
+from fedpsg.psg.data import SceneBatch
+from fedpsg.psg.models.base import (
     FrequencyBias,
     LabelEmbedding,
     ModelSpec,
@@ -49,7 +50,6 @@ from fedpsg.models.base import (
     pair_mlp,
     register,
 )
-from fedpsg.psg_data import SceneBatch
 
 
 def segment_softmax(scores: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ Every module of this package is imported here, so adding a model is adding one f
 import importlib
 import pkgutil
 
-from fedpsg.models.base import (
+from fedpsg.psg.models.base import (
     MODELS,
     ModelSpec,
     RelationModel,

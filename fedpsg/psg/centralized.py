@@ -9,7 +9,7 @@ the FedAvg client half (plain SGD), so only the data's location differs from a f
 Budget: a round in which `k` of `n` clients run `E` local epochs passes over `k / n * E` of the
 pooled data in expectation, so `R` rounds match `budget_epochs(R, k, n, E)` centralized epochs.
 
-    python -m fedpsg.centralized /abs/benchmark --epochs 5 --model motifs --out runs/cl
+    fedpsg centralized /abs/benchmark --epochs 5 --model motifs --out runs/cl
 """
 
 from __future__ import annotations
@@ -17,24 +17,22 @@ from __future__ import annotations
 import csv
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Any
 
 import torch
-import typer
 
-from fedpsg.models import RelationModel, build_model
-from fedpsg.psg_task import (
+from fedpsg.psg.models import RelationModel, build_model
+from fedpsg.psg.task import (
     benchmark_from_config,
     load_scenes,
     model_hparams,
     model_spec,
     uses_visual,
 )
-from fedpsg.psg_train import evaluate, frequency_prior, train
-from fedpsg.task import RunConfig
+from fedpsg.psg.train import evaluate, frequency_prior, train
 from strategies.base import ClientHalf
 
 
@@ -54,7 +52,7 @@ class CentralizedResult:
 
 
 def run_centralized(
-    config: RunConfig,
+    config: Mapping[str, Any],
     epochs: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> CentralizedResult:
@@ -130,61 +128,3 @@ def write_outputs(result: CentralizedResult, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "recall.png", dpi=120)
     plt.close(fig)
-
-
-app = typer.Typer(add_completion=False, help="The centralized (CL) baseline of a PSG benchmark.")
-
-
-@app.command()
-def main(
-    benchmark_dir: Annotated[Path, typer.Argument(help="Benchmark folder (from fedpsg-build).")],
-    out: Annotated[Path, typer.Option(help="Where metrics, plot and weights go.")],
-    epochs: Annotated[int, typer.Option(help="Passes over the pooled data.")] = 5,
-    model: str = "motifs",
-    mode: str = "predcls",
-    features: str = "auto",
-    lr: float = 0.03,
-    momentum: float = 0.0,
-    batch_size: int = 16,
-    seed: int = 0,
-    hidden_dim: int = 64,
-) -> None:
-    """Train the centralized baseline and print its final R@K / mR@K table."""
-    from rich.console import Console
-    from rich.table import Table
-    from tqdm import tqdm
-
-    config = {
-        "benchmark-dir": str(benchmark_dir.resolve()),
-        "model": model,
-        "mode": mode,
-        "features": features,
-        "lr": lr,
-        "momentum": momentum,
-        "batch-size": batch_size,
-        "seed": seed,
-        "model-hidden-dim": hidden_dim,
-    }
-    with tqdm(total=epochs + 1, desc=f"centralized {model}", unit="epoch") as bar:
-
-        def show(row: dict[str, float]) -> None:
-            bar.set_postfix({"R@50": f"{row['R@50']:.3f}", "mR@50": f"{row['mR@50']:.3f}"})
-            bar.update()
-
-        try:
-            result = run_centralized(config, epochs, on_epoch=show)
-        except ValueError as error:  # BenchmarkError, bad config: one clear line, exit 1
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(1) from error
-    write_outputs(result, out)
-    final = result.history[-1]
-    keys = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100")
-    table = Table(title=f"CL {model} ({mode}), {epochs} epochs, test split (%)")
-    for key in keys:
-        table.add_column(key, justify="right")
-    table.add_row(*(f"{100 * final[k]:.2f}" for k in keys))
-    Console().print(table)
-
-
-if __name__ == "__main__":
-    app()

@@ -27,8 +27,8 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedpsg.federation import WEIGHT, client_config, seed_everything
-from fedpsg.task import Task, load_task
+from fedpsg.app.config import WEIGHT, client_config, seed_everything
+from fedpsg.app.task import Task, load_task
 from strategies import client_half
 from strategies.server import to_numpy, to_record
 

@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import torch
 
-from fedpsg.models.base import RelationOutput, check_mode
-from fedpsg.psg_data import SceneBatch
+from fedpsg.psg.data import SceneBatch
+from fedpsg.psg.models.base import RelationOutput, check_mode
 
 KS = (20, 50, 100)
 
