@@ -8,7 +8,7 @@ Run-config keys (all optional): `data` ("digits" | "folder:/path" | "parquet:/pa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +22,7 @@ from diffusion_clients.model import build_unet
 from diffusion_clients.sampling import make_scheduler, sample
 from diffusion_clients.train import DenoisingLoss, NoisyBatches, mean_loss
 from strategies.base import ArrayDict, ClientHalf, train_local
+from strategies.batched import train_local_stacked
 
 Config = Mapping[str, bool | int | float | str]
 
@@ -65,6 +66,23 @@ def _split(
     spec: str, image_size: int, test_fraction: float, seed: int
 ) -> tuple[imgdata.ImageSet, imgdata.ImageSet]:
     return imgdata.train_test_split(imgdata.load_images(spec, image_size), test_fraction, seed)
+
+
+def _round_batches(
+    data: ClientImages, config: Config, state: dict[str, ArrayDict], device: torch.device
+) -> NoisyBatches:
+    """This round's batches of one client, seeded by (seed, partition, the client's round
+    counter kept in `state`), so each round draws fresh noise."""
+    counter = state.setdefault("diffusion", {"rounds": np.zeros(1, dtype=np.int64)})
+    round_seed = int(
+        np.random.SeedSequence(
+            [int(_get(config, "seed")), data.partition_id, int(counter["rounds"][0])]
+        ).generate_state(1)[0]
+    )
+    counter["rounds"] = counter["rounds"] + 1
+    steps = int(_get(config, "diffusion-steps"))
+    images = data.images.images.to(device)
+    return NoisyBatches(images, int(_get(config, "batch-size")), steps, round_seed)
 
 
 class DiffusionTask:
@@ -130,21 +148,10 @@ class DiffusionTask:
         device = _device(config)
         home = next(model.parameters()).device
         model.to(device)
-        counter = state.setdefault("diffusion", {"rounds": np.zeros(1, dtype=np.int64)})
-        round_seed = int(
-            np.random.SeedSequence(
-                [int(_get(config, "seed")), data.partition_id, int(counter["rounds"][0])]
-            ).generate_state(1)[0]
-        )
-        counter["rounds"] = counter["rounds"] + 1
-        steps = int(_get(config, "diffusion-steps"))
-        batches = NoisyBatches(
-            data.images.images.to(device), int(_get(config, "batch-size")), steps, round_seed
-        )
         loss, outgoing = train_local(
             model,
-            batches,
-            DenoisingLoss(make_scheduler(steps)),
+            _round_batches(data, config, state, device),
+            DenoisingLoss(make_scheduler(int(_get(config, "diffusion-steps")))),
             half,
             incoming,
             state,
@@ -152,6 +159,43 @@ class DiffusionTask:
         )
         model.to(home)
         return len(data.images), {"train_loss": loss}, outgoing
+
+    def train_many(
+        self,
+        models: Sequence[nn.Module],
+        datas: Sequence[ClientImages],
+        halves: Sequence[ClientHalf],
+        configs: Sequence[Config],
+        incoming: Sequence[Mapping[str, ArrayDict]],
+        states: Sequence[dict[str, ArrayDict]],
+    ) -> list[tuple[int, dict[str, float], dict[str, ArrayDict]]]:
+        """`train` for a round's clients at once (`strategies.batched`), on a CUDA device
+        with the step replayed from a CUDA graph; each entry is what `train` returns for
+        that client. The clients share every run-config setting but their seed."""
+        config = configs[0]
+        device = _device(config)
+        homes = [next(m.parameters()).device for m in models]
+        for model in models:
+            model.to(device)
+        batches = [
+            _round_batches(d, c, s, device) for d, c, s in zip(datas, configs, states, strict=True)
+        ]
+        results = train_local_stacked(
+            models,
+            batches,
+            DenoisingLoss(make_scheduler(int(_get(config, "diffusion-steps")))),
+            halves,
+            incoming,
+            states,
+            epochs=int(_get(config, "local-epochs")),
+            cuda_graph=device.type == "cuda",
+        )
+        for model, home in zip(models, homes, strict=True):
+            model.to(home)
+        return [
+            (len(d.images), {"train_loss": loss}, outgoing)
+            for d, (loss, outgoing) in zip(datas, results, strict=True)
+        ]
 
     def evaluate(
         self, model: nn.Module, data: imgdata.ImageSet, config: Config

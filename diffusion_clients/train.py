@@ -7,7 +7,7 @@ that evaluates the loss twice on one batch (FedSAM's ascent and descent passes) 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,9 @@ from torch import nn
 from diffusion_clients.sampling import predict_noise
 
 
-@dataclass(frozen=True)
-class NoisyBatch:
-    """Clean images with the noise and timesteps drawn for them."""
+class NoisyBatch(NamedTuple):
+    """Clean images with the noise and timesteps drawn for them (a NamedTuple, so that
+    `strategies.batched` can stack and vmap it)."""
 
     images: torch.Tensor
     noise: torch.Tensor

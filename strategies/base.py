@@ -8,7 +8,7 @@ and sends its control variate back. Nothing here imports flwr, so tasks run with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from torch import nn
 
 ArrayDict = dict[str, np.ndarray]
 Closure = Callable[[], torch.Tensor]
+StackedClosure = Callable[[], torch.Tensor]  # returns the (K,) per-client losses
 
 
 def config_value(
@@ -99,6 +100,90 @@ class ClientHalf:
     def end(self, model: nn.Module, state: dict[str, ArrayDict]) -> dict[str, ArrayDict]:
         """Finish a round: update `state`, return extra ArrayRecords to send to the server."""
         return {}
+
+    # Client-batched training (`strategies.batched`): one half drives K clients whose
+    # parameters are stacked along a leading client dimension. Each hook does, per client
+    # row, what its per-client twin above does; `StackedParams` names the rows.
+
+    def begin_stacked(
+        self,
+        stack: StackedParams,
+        incoming: Sequence[Mapping[str, ArrayDict]],
+        states: Sequence[dict[str, ArrayDict]],
+    ) -> torch.optim.Optimizer:
+        """`begin` for K clients. SGD is elementwise, so one SGD over the stacked tensors is
+        K independent SGDs."""
+        return torch.optim.SGD(
+            stack.tensors, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+    def loss_term_stacked(self, stack: StackedParams) -> torch.Tensor | None:
+        """`loss_term` per client: a (K,) tensor, or None for none."""
+        return None
+
+    def step_stacked(
+        self, stack: StackedParams, optimizer: torch.optim.Optimizer, closure: StackedClosure
+    ) -> torch.Tensor:
+        """`step` for K clients; `closure` returns the (K,) losses and fills the stacked
+        grads. Rows of clients without a batch this step are restored by the caller."""
+        loss = closure()
+        optimizer.step()
+        return loss
+
+    def stacked_state(self) -> list[torch.Tensor]:
+        """Tensors with a leading client dimension, other than parameters and optimizer
+        state, that `step_stacked` changes (restored for clients that sat a step out)."""
+        return []
+
+    def end_stacked(
+        self, stack: StackedParams, states: Sequence[dict[str, ArrayDict]], steps: list[int]
+    ) -> list[dict[str, ArrayDict]]:
+        """`end` per client (`steps[k]`: client k's local steps); extra arrays to send."""
+        return [{} for _ in states]
+
+
+class StackedParams:
+    """K same-shaped models' trainable parameters as leaf tensors with a leading client
+    dimension (`tensors[i][k]` is parameter `names[i]` of client k)."""
+
+    def __init__(self, names: list[str], tensors: list[torch.Tensor]) -> None:
+        self.names = names
+        self.tensors = tensors
+
+    @property
+    def num_clients(self) -> int:
+        """K."""
+        return self.tensors[0].shape[0]
+
+    def row_stack(self, arrays: Sequence[ArrayDict]) -> list[torch.Tensor]:
+        """Per-client arrays keyed by parameter name as stacked tensors like `tensors`
+        (zeros where a client has no array for a parameter)."""
+        out = []
+        for name, like in zip(self.names, self.tensors, strict=True):
+            rows = [
+                torch.as_tensor(a[name]).to(like) if name in a else torch.zeros_like(like[0])
+                for a in arrays
+            ]
+            out.append(torch.stack(rows))
+        return out
+
+    def rows(self, tensors: Sequence[torch.Tensor]) -> list[ArrayDict]:
+        """Stacked tensors like `tensors` as per-client arrays keyed by parameter name."""
+        host = [t.detach().cpu().numpy() for t in tensors]
+        return [
+            {name: h[k] for name, h in zip(self.names, host, strict=True)}
+            for k in range(self.num_clients)
+        ]
+
+
+def per_client(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (K,) tensor shaped to broadcast over a stacked tensor `like` (K, ...)."""
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def client_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum over all elements of each client's row, over all stacked `tensors`: (K,)."""
+    return sum(t.flatten(1).sum(1) for t in tensors)
 
 
 def train_local(

@@ -6,7 +6,7 @@ like FedAvg; only the client's objective changes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from logging import WARNING
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 from flwr.common.logger import log
 from torch import nn
 
-from .base import ArrayDict, ClientHalf, config_value
+from .base import ArrayDict, ClientHalf, StackedParams, client_sum, config_value
 from .server import ServerHalf
 
 
@@ -78,3 +78,18 @@ class FedProxClient(ClientHalf):
     def loss_term(self, model: nn.Module) -> torch.Tensor:
         """mu/2 * sum ||w - w_global||^2."""
         return 0.5 * self.mu * sum((p - g).pow(2).sum() for p, g in self._anchor)
+
+    def begin_stacked(
+        self,
+        stack: StackedParams,
+        incoming: Sequence[Mapping[str, ArrayDict]],
+        states: Sequence[dict[str, ArrayDict]],
+    ) -> torch.optim.Optimizer:
+        """Remember every client's global weights."""
+        self._stacked_anchor = [p.detach().clone() for p in stack.tensors]
+        return super().begin_stacked(stack, incoming, states)
+
+    def loss_term_stacked(self, stack: StackedParams) -> torch.Tensor:
+        """mu/2 * sum ||w_k - w_global||^2 for each client k: (K,)."""
+        gaps = (p - g for p, g in zip(stack.tensors, self._stacked_anchor, strict=True))
+        return 0.5 * self.mu * client_sum(d.pow(2) for d in gaps)

@@ -22,7 +22,7 @@ With rho = 0 the perturbation is exactly zero and the update equals FedAvg's bit
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,8 +31,20 @@ from pytorch_optimizer import SAM
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .base import ArrayDict, ClientHalf, Closure, config_value
+from .base import (
+    ArrayDict,
+    ClientHalf,
+    Closure,
+    StackedClosure,
+    StackedParams,
+    client_sum,
+    config_value,
+    per_client,
+)
 from .server import ServerHalf
+
+#: pytorch-optimizer SAM's default `perturb_eps`, added to the gradient norm.
+SAM_EPS = 1e-12
 
 
 class FedSAM(ServerHalf):
@@ -141,6 +153,7 @@ class FedSAMClient(ClientHalf):
         return SAM(
             [p for p in model.parameters() if p.requires_grad],
             torch.optim.SGD,
+            perturb_eps=SAM_EPS,
             rho=self.rho,
             adaptive=self.adaptive,
             lr=self.lr,
@@ -160,4 +173,40 @@ class FedSAMClient(ClientHalf):
             closure()
         optimizer.second_step(zero_grad=False)
         self.num_steps += 1
+        return loss
+
+    def begin_stacked(
+        self,
+        stack: StackedParams,
+        incoming: Sequence[Mapping[str, ArrayDict]],
+        states: Sequence[dict[str, ArrayDict]],
+    ) -> torch.optim.Optimizer:
+        """The base SGD over the stacked tensors; the SAM step is `step_stacked`'s."""
+        for name, p in zip(stack.names, stack.tensors, strict=True):
+            if p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"fedsam: parameter {name!r} is {p.dtype}; SAM needs fp32")
+        return super().begin_stacked(stack, incoming, states)
+
+    def step_stacked(
+        self, stack: StackedParams, optimizer: torch.optim.Optimizer, closure: StackedClosure
+    ) -> torch.Tensor:
+        """pytorch-optimizer's SAM step (e = rho g / (||g|| + 1e-12), |w|-scaled for ASAM),
+        with each client's gradient norm taken over its own row."""
+        params = stack.tensors
+        loss = closure()
+        with torch.no_grad():
+            grads = [p.grad for p in params]
+            weighted = grads
+            if self.adaptive:
+                weighted = torch._foreach_mul(grads, torch._foreach_abs(params))
+            scale = self.rho / (client_sum(g.pow(2) for g in weighted).sqrt() + SAM_EPS)
+            perturb = torch._foreach_mul(grads, [per_client(scale, p) for p in params])
+            if self.adaptive:
+                torch._foreach_mul_(perturb, torch._foreach_pow(params, 2))
+            saved = [p.clone() for p in params]
+            torch._foreach_add_(params, perturb)
+        closure()
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+        optimizer.step()
         return loss

@@ -21,7 +21,7 @@ participation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
-from .base import ArrayDict, ClientHalf, Closure
+from .base import ArrayDict, ClientHalf, Closure, StackedClosure, StackedParams
 from .server import ServerHalf, to_record, to_views, weighted_mean
 
 SERVER_CONTROL = "server-control"
@@ -174,3 +174,44 @@ class ScaffoldClient(ClientHalf):
             delta[n] = (updated - self._ci[n]).cpu().numpy()
         state[CLIENT_CONTROL] = new
         return {CONTROL_DELTA: delta}
+
+    def begin_stacked(
+        self,
+        stack: StackedParams,
+        incoming: Sequence[Mapping[str, ArrayDict]],
+        states: Sequence[dict[str, ArrayDict]],
+    ) -> torch.optim.Optimizer:
+        """Stack c (each client's incoming) and the c_i (each client's state)."""
+        c = stack.row_stack([i.get(SERVER_CONTROL, {}) for i in incoming])
+        self._stacked_ci = stack.row_stack([s.get(CLIENT_CONTROL, {}) for s in states])
+        self._stacked_correction = [a - b for a, b in zip(c, self._stacked_ci, strict=True)]
+        self._stacked_grad_sum = [torch.zeros_like(p) for p in stack.tensors]
+        return super().begin_stacked(stack, incoming, states)
+
+    def step_stacked(
+        self, stack: StackedParams, optimizer: torch.optim.Optimizer, closure: StackedClosure
+    ) -> torch.Tensor:
+        """As `step`, row by row."""
+        loss = closure()
+        with torch.no_grad():
+            grads = [p.grad for p in stack.tensors]
+            torch._foreach_add_(self._stacked_grad_sum, grads)
+            torch._foreach_add_(grads, self._stacked_correction)
+        optimizer.step()
+        return loss
+
+    def stacked_state(self) -> list[torch.Tensor]:
+        """The running sums of raw gradients."""
+        return self._stacked_grad_sum
+
+    def end_stacked(
+        self, stack: StackedParams, states: Sequence[dict[str, ArrayDict]], steps: list[int]
+    ) -> list[dict[str, ArrayDict]]:
+        """As `end` for every client k, over its own `steps[k]`."""
+        outgoing = []
+        sums, olds = stack.rows(self._stacked_grad_sum), stack.rows(self._stacked_ci)
+        for state, grad_sum, old, k in zip(states, sums, olds, steps, strict=True):
+            new = {n: (g / k).astype(g.dtype) if k else old[n] for n, g in grad_sum.items()}
+            state[CLIENT_CONTROL] = new
+            outgoing.append({CONTROL_DELTA: {n: new[n] - old[n] for n in new}})
+        return outgoing
