@@ -7,15 +7,22 @@ the apps do.
 
 from __future__ import annotations
 
+import difflib
+import math
 import random
-from collections.abc import Collection, Mapping
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedpsg.app.task import RunConfig
+from fedpsg.app.task import TASKS, RunConfig
+from strategies import ALGORITHMS, server_options
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"  # the app's (and the FAB's)
 
 WEIGHT = "num-examples"  # the metric replies are weighted by, as Flower's FedAvg names it
 
@@ -47,11 +54,17 @@ def seed_everything(seed: int) -> None:
 
 
 def client_config(
-    run_config: RunConfig, message_config: Mapping[str, Any], partition_id: int
+    run_config: RunConfig,
+    message_config: Mapping[str, Any],
+    partition_id: int,
+    num_partitions: int | None = None,
 ) -> dict[str, Any]:
     """Run config overlaid with what the server sent this round; `seed` becomes the
-    (run seed, round, partition) seed, so shuffles differ per round and client."""
+    (run seed, round, partition) seed, so shuffles differ per round and client.
+    `num-partitions` (when given) sizes the default benchmark as on the server."""
     config = {**run_config, **message_config, "partition-id": partition_id}
+    if num_partitions is not None:
+        config["num-partitions"] = num_partitions
     config["seed"] = round_seed(
         int(run_config["seed"]), int(config.get("server-round", 0)), partition_id
     )
@@ -103,3 +116,148 @@ def parse_run_config(pairs: list[str] | None) -> dict[str, bool | int | float | 
     except (ClickException, ValueError, OSError) as exc:
         message = exc.message if isinstance(exc, ClickException) else str(exc)
         raise ValueError(f"run config {' '.join(pairs or [])!r}: {message}") from None
+
+
+class RunConfigError(ValueError):
+    """A run config the app cannot run: one line naming the key and what it allows."""
+
+
+def app_defaults(pyproject: Path = PYPROJECT) -> dict[str, bool | int | float | str]:
+    """The run-config keys and defaults of `[tool.flwr.app.config]` in the app's pyproject
+    (the FAB ships it, so the launcher, the ServerApp and the tests read the same table)."""
+    try:
+        return dict(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise RunConfigError(f"{pyproject}: no [tool.flwr.app.config] table ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key accepts beyond its default's type: a check and how to say it."""
+
+    check: Callable[[Any], bool]
+    allowed: str
+
+
+def _interval(low: float, high: float = math.inf, closed: str = "[]") -> Rule:
+    """A finite number in an interval; `closed` says which ends belong to it."""
+    left, right = closed
+
+    def check(value: Any) -> bool:
+        value = float(value)
+        return (
+            math.isfinite(value)
+            and (value >= low if left == "[" else value > low)
+            and (value <= high if right == "]" else value < high)
+        )
+
+    if math.isinf(high):
+        allowed = f"a finite number {'>=' if left == '[' else '>'} {low:g}"
+    else:
+        allowed = f"a number in {left}{low:g}, {high:g}{right}"
+    return Rule(check, allowed)
+
+
+def _at_least(low: int) -> Rule:
+    return Rule(lambda value: value >= low, f"an integer >= {low}")
+
+
+def _one_of(*choices: str) -> Rule:
+    return Rule(lambda value: value in choices, "one of " + " | ".join(choices))
+
+
+def _strategies(value: str) -> bool:
+    names = [name.strip() for name in value.split(",")]
+    return all(name in ALGORITHMS for name in names) and len(set(names)) == len(names)
+
+
+def _absolute_or_empty(value: str) -> bool:
+    return value == "" or Path(value).is_absolute()
+
+
+# Ranges of the keys that have one; every key's type is its pyproject default's.
+RULES: dict[str, Rule] = {
+    "task": _one_of(*TASKS),
+    "strategy": Rule(
+        _strategies, "one of " + " | ".join(ALGORITHMS) + ", or a comma list of distinct ones"
+    ),
+    "num-server-rounds": _at_least(1),
+    "fraction-train": _interval(0, 1, "(]"),
+    "min-train-nodes": _at_least(1),
+    "fraction-evaluate": _interval(0, 1),
+    "eval-every": _at_least(1),
+    "local-epochs": _at_least(1),
+    "lr": _interval(0, closed="(]"),
+    "momentum": _interval(0, 1),
+    "weight-decay": _interval(0),
+    "batch-size": _at_least(1),
+    "seed": _at_least(0),
+    "benchmark-dir": Rule(_absolute_or_empty, 'an absolute path, or "" for the default'),
+    "out-dir": Rule(_absolute_or_empty, 'an absolute path, or "" for ./runs/run-<id>'),
+    "connect-timeout": _interval(0, closed="(]"),
+    "mode": _one_of("predcls", "sgcls"),
+    "features": _one_of("auto", "geometry", "visual"),
+    "proximal-mu": _interval(0),
+    "rho": _interval(0),
+    "server-lr": _interval(0, closed="(]"),
+    "server-ema": _interval(0, 1, "[)"),
+    "server-swa-start": _at_least(0),
+    "image-size": _at_least(4),
+    "diffusion-steps": _at_least(1),
+    "dirichlet-alpha": _interval(0, closed="(]"),
+    "test-fraction": _interval(0, 1, "()"),
+    "eval-fid-samples": _at_least(0),
+    "eval-sampling-steps": _at_least(1),
+}
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a quoted string"}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return isinstance(value, type(default))
+
+
+def validate_run_config(
+    overrides: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The full run config (`defaults` with `overrides` over them), checked key by key.
+
+    Raises `RunConfigError` with one line for the first unknown key (with the spelling it
+    was probably meant to be: `proximal_mu` -> `proximal-mu`), value of the wrong type or
+    value out of range. Flower merges `flwr run -c` over the same defaults, so the launcher,
+    the in-process engine and the ServerApp all accept exactly the same configs.
+    """
+    defaults = app_defaults() if defaults is None else defaults
+    for key in overrides:
+        if key not in defaults:
+            guess = difflib.get_close_matches(key.replace("_", "-"), list(defaults), n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            raise RunConfigError(
+                f"run config: unknown key {key!r}{hint} (keys: {', '.join(defaults)})"
+            )
+    config = {**defaults, **overrides}
+    for key, value in config.items():
+        default, rule = defaults[key], RULES.get(key)
+        if not _type_ok(value, default):
+            allowed = rule.allowed if rule else _TYPE_NAMES[type(default)]
+            raise RunConfigError(f"run config {key}={value!r}: expected {allowed}")
+        if rule is not None and not rule.check(value):
+            raise RunConfigError(f"run config {key}={value!r}: expected {rule.allowed}")
+    return config
+
+
+def ignored_keys(config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """Strategy options set away from their default that no strategy of the run reads
+    (`proximal-mu` under FedAvg): worth a warning, not an error."""
+    defaults = app_defaults() if defaults is None else defaults
+    names = [name.strip() for name in str(config["strategy"]).split(",")]
+    accepted = set().union(*(server_options(name) for name in names))
+    return [
+        key
+        for key, option in STRATEGY_OPTIONS.items()
+        if option not in accepted and config.get(key, defaults.get(key)) != defaults.get(key)
+    ]

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
@@ -27,6 +27,7 @@ from typing import IO, Any
 import tomli_w
 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _BIN = Path(sys.executable).parent
 
 
@@ -100,10 +101,12 @@ def flwr_run(
     timeout: float | None = None,
     log_file: Path | None = None,
     federation_config: Mapping | None = None,
+    show: Callable[[str], bool] | None = None,
 ) -> int:
     """`flwr run <app_dir> <connection> --stream`, and wait until the run has finished.
 
-    The run's log goes to stdout when `stream`, and to `log_file` when given.
+    The run's log goes to stdout when `stream` (only the lines `show` keeps, when given),
+    and whole to `log_file` when given.
     `federation_config` overrides the simulation settings for this run (`num-supernodes`,
     `client-resources-num-cpus`, ...; Flower's `--federation-config`). Returns 0 only
     when the SuperLink reports the run `finished:completed` (`flwr run` itself exits 0 even
@@ -126,7 +129,7 @@ def flwr_run(
             try:
                 for line in proc.stdout:  # type: ignore[union-attr]
                     run_id = run_id or _match_run_id(line)
-                    if stream:
+                    if stream and (show is None or show(line)):
                         sys.stdout.write(line)
                         sys.stdout.flush()
                     if sink is not None:
@@ -153,6 +156,14 @@ def flwr_run(
     if run_id is None:
         return 1
     return 0 if run_status(run_id, connection, flwr_home) == "finished:completed" else 1
+
+
+def quiet_line(line: str) -> bool:
+    """Whether a line of Flower's log belongs in the quiet view: the app's own `[fedpsg]`
+    lines (one per round, warnings, errors) and Flower's ERROR lines; not Flower's per-round
+    echo, its final dump, nor Ray's and Flower's deprecation warnings."""
+    text = _ANSI.sub("", line)
+    return "[fedpsg]" in text or text.lstrip().startswith("ERROR")
 
 
 def run_status(run_id: str | int, connection: str, flwr_home: Path) -> str:

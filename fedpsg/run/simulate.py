@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import tomllib
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -29,12 +31,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import tomli_w
 import typer
 
-from fedpsg.app.config import parse_run_config
+from fedpsg.app.config import (
+    RunConfigError,
+    ignored_keys,
+    parse_run_config,
+    validate_run_config,
+)
 from fedpsg.run.processes import (
     ManagedProcesses,
     flwr_env,
     flwr_run,
     free_port,
+    quiet_line,
     wait_for_port,
     write_connection,
 )
@@ -70,11 +78,16 @@ def simulate(
     cpus_per_client: int = 1,
     stream: bool = True,
     timeout: float | None = None,
+    ray_address: str | None = None,
+    verbose: bool = False,
 ) -> int:
     """Run one simulation of the app with `num_supernodes` virtual SuperNodes.
 
     Outputs go to `out_dir` (set as run config `out-dir`), with the SuperLink's log and the
-    streamed run log. Returns `flwr_run`'s exit code (0 = the run completed).
+    full run log (`flwr_run.log`); the terminal gets the app's one line per round and errors
+    only, unless `verbose`. `ray_address` (else `$RAY_ADDRESS`) puts the ClientApps on an
+    existing Ray cluster (`ray start --head` / `--address`) instead of a fresh local one.
+    Returns `flwr_run`'s exit code (0 = the run completed).
     """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,8 +104,11 @@ def simulate(
         "flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
         "--port", str(port), "--disable-runtime-dependency-installation",
     ]  # fmt: skip
+    env = flwr_env(flwr_home)
+    if ray_address:  # Flower's Ray backend calls ray.init(), which joins $RAY_ADDRESS
+        env["RAY_ADDRESS"] = ray_address
     with ManagedProcesses() as procs, _connection(flwr_home, connection, port):
-        proc = procs.start(superlink, flwr_env(flwr_home), out_dir / "superlink.log")
+        proc = procs.start(superlink, env, out_dir / "superlink.log")
         wait_for_port(port, proc)
         return flwr_run(
             APP_DIR,
@@ -103,6 +119,7 @@ def simulate(
             timeout=timeout,
             log_file=out_dir / "flwr_run.log",
             federation_config=federation,
+            show=None if verbose else quiet_line,
         )
 
 
@@ -122,13 +139,12 @@ def simulate_in_process(
     Flower is imported here, not at module level: the Ray path only drives the `flwr` CLI.
     """
     from flwr.app import Context, Message, RecordDict
-    from flwr.common.config import flatten_dict, get_project_config
 
     from fedpsg.app import client_app, server_app
     from strategies.local_grid import LocalGrid
 
-    defaults = flatten_dict(get_project_config(APP_DIR)["tool"]["flwr"]["app"]["config"])
-    config = {**defaults, **run_config, "out-dir": str(Path(out_dir).resolve())}
+    overrides = {**run_config, "out-dir": str(Path(out_dir).resolve())}
+    config = validate_run_config(overrides)
     contexts = {}
     for i in range(num_supernodes):
         node_config = {"partition-id": i, "num-partitions": num_supernodes}
@@ -199,39 +215,79 @@ def main(
     engine: Annotated[
         str, typer.Option(help="'ray' (flwr run) or 'in-process' (LocalGrid, no Ray).")
     ] = "ray",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster (ray start --head)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's full log.")] = False,
     flwr_home: Annotated[Path | None, typer.Option(help="FLWR_HOME (default: .flwr).")] = None,
 ) -> None:
-    """Simulate a federation over BENCHMARK_DIR's clients and print the final table."""
+    """Simulate a federation over BENCHMARK_DIR's clients and print the final table.
+
+    Exit codes: 0 the run completed, 1 it failed (bad data, a failed ServerApp),
+    2 bad usage (an unknown run-config key, a wrong type, a value out of range).
+    """
+    if engine not in ("ray", "in-process"):
+        raise typer.BadParameter(
+            f"{engine!r}: expected 'ray' or 'in-process'", param_hint="--engine"
+        )
     benchmark_dir = benchmark_dir.resolve()
-    try:
-        overrides = parse_run_config(config)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="-c") from None
-    try:
-        supernodes = num_clients(benchmark_dir)
-    except (OSError, ValueError) as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
     run_config = {
         "benchmark-dir": str(benchmark_dir),
         "num-server-rounds": rounds,
         "strategy": strategy,
         "model": model,
-        **overrides,
     }
+    try:
+        run_config.update(parse_run_config(config))
+        checked = validate_run_config(run_config)
+    except ValueError as exc:  # RunConfigError included: the same check the ServerApp makes
+        raise typer.BadParameter(str(exc), param_hint="-c") from None
+    for key in ignored_keys(checked):
+        typer.secho(f"warning: run config {key}={checked[key]!r}: strategy {strategy} ignores it",
+                    err=True, fg=typer.colors.YELLOW)  # fmt: skip
+    try:
+        supernodes = num_clients(benchmark_dir)
+    except (OSError, ValueError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    if not verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
     if engine == "in-process":
-        simulate_in_process(run_config, supernodes, out_dir)
-        code = 0
-    elif engine == "ray":
-        code = simulate(
-            run_config, supernodes, out_dir, flwr_home=flwr_home, cpus_per_client=cpus_per_client
-        )
+        code = _run_in_process(run_config, supernodes, out_dir, verbose)
     else:
-        raise typer.BadParameter(f"--engine {engine!r}: expected 'ray' or 'in-process'")
+        code = simulate(
+            run_config, supernodes, out_dir, flwr_home=flwr_home,
+            cpus_per_client=cpus_per_client, ray_address=ray_address, verbose=verbose,
+        )  # fmt: skip
     summary = out_dir.resolve() / "summary.md"
-    if summary.exists():
+    if code == 0 and summary.exists():
         typer.echo("\n" + summary.read_text())
         typer.echo(f"plots: {out_dir.resolve() / 'plots'}")
     if code != 0:
-        typer.secho(f"simulation failed (exit {code}); see {out_dir / 'flwr_run.log'}", err=True)
-        raise typer.Exit(code)
+        typer.secho(f"simulation failed; full log in {out_dir}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+
+
+def _run_in_process(
+    run_config: Mapping[str, Any], supernodes: int, out_dir: Path, verbose: bool
+) -> int:
+    """`simulate_in_process` for the CLI: Flower's log cut to the app's lines unless
+    `verbose`; a failed ServerApp is one error line and exit code 1."""
+    from flwr.common.logger import FLOWER_LOGGER
+
+    quiet = logging.Filter()
+    quiet.filter = lambda record: quiet_line(f"{record.levelname} {record.getMessage()}")
+    if not verbose:
+        for handler in FLOWER_LOGGER.handlers:
+            handler.addFilter(quiet)
+    try:
+        simulate_in_process(run_config, supernodes, out_dir)
+    except (RunConfigError, ValueError, OSError, RuntimeError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        return 1
+    finally:
+        for handler in FLOWER_LOGGER.handlers:
+            handler.removeFilter(quiet)
+    return 0
