@@ -6,9 +6,16 @@
 - **Server-side EMA or SWA** of the global model. Training always continues from the plain
   aggregate x; the averaged model is what client-side and server-side evaluation see and what
   `Result.arrays` holds (as in the EMA/SWA literature, where the average is never trained).
+- **Seeded client sampling.** Which clients train (and evaluate) in round r is drawn from a
+  generator of its own, seeded by (seed, r, purpose): nothing else that draws random numbers,
+  no engine and no node-id order can change it, and a resumed run samples as an uninterrupted
+  one. Clients are ordered by the stable ids a `ClientIdGrid` names (the ServerApp's partition
+  ids), else by node id.
 - **Checkpoint and resume.** After each round the global arrays, round number, algorithm state
   (e.g. SCAFFOLD's c), EMA/SWA buffers, the metric history and the server's RNG states are written
   atomically to `<checkpoint_dir>/checkpoint.npz`; `resume=True` continues after the saved round.
+  What clients keep between rounds (SCAFFOLD's c_i) goes to per-client state files: each train
+  ConfigRecord names the folder (`state-dir`) and the run (`state-id`), see `strategies.state`.
 """
 
 from __future__ import annotations
@@ -18,15 +25,26 @@ import json
 import math
 import os
 import random
+import shutil
 import time
+import uuid
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import SType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -37,6 +55,17 @@ from .base import ArrayDict
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CHECKPOINT_VERSION = 1
+CLIENT_STATE_DIR = "clients"  # under the checkpoint folder: the clients' state files
+# Train ConfigRecord keys naming where clients keep their state (see `strategies.state`)
+STATE_DIR, STATE_ID = "state-dir", "state-id"
+# SeedSequence words of the sampling generators: [seed, round, SAMPLING, purpose]. The fourth
+# word is non-zero, so no 3-word seed (fedpsg's (seed, round, partition) client seeds) collides.
+SAMPLING = 0x73616D70  # "samp"
+PURPOSES = {MessageType.TRAIN: 1, MessageType.EVALUATE: 2}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or cannot be resumed from; the message names the file."""
 
 
 def to_numpy(record: ArrayRecord) -> ArrayDict:
@@ -175,11 +204,58 @@ def load_checkpoint(path: Path) -> tuple[dict[str, ArrayDict], dict[str, Any]]:
                 group: {name: data[f"{group}:{i}"] for i, name in enumerate(names)}
                 for group, names in meta.pop("names").items()
             }
-    except (OSError, KeyError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable fedpsg strategy checkpoint ({err})") from err
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        reason = f"{type(err).__name__}: {err}".replace("\n", " ")
+        raise CheckpointError(
+            f"{path}: not a readable fedpsg checkpoint (damaged or truncated? {reason})"
+        ) from None
     if meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {meta.get('version')!r}, expected 1")
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r}, expected 1")
     return groups, meta
+
+
+def resumable_round(path: Path, num_rounds: int) -> int:
+    """The round the checkpoint at `path` holds, checked to lie below `num_rounds`, the
+    resumed run's target (CheckpointError otherwise: there would be nothing to do)."""
+    _, meta = load_checkpoint(path)
+    return _below_target(path, int(meta["round"]), num_rounds)
+
+
+def _below_target(path: Path, done: int, num_rounds: int) -> int:
+    if done >= num_rounds:
+        raise CheckpointError(
+            f"{path}: checkpoint is at round {done}, the resumed run's target is round "
+            f"{num_rounds}: nothing to do (set num-server-rounds above {done})"
+        )
+    return done
+
+
+@runtime_checkable
+class ClientIdGrid(Protocol):
+    """A Grid that names each connected node by a stable client id (e.g. its data partition).
+
+    Sampling orders clients by these ids, so the sample is the same whichever node ids a
+    SuperLink or simulation engine assigned, and in whatever order it lists them."""
+
+    def client_ids(self) -> dict[int, int]:
+        """Connected node id -> its client id."""
+
+
+def sampling_rng(seed: int, server_round: int, purpose: str) -> np.random.Generator:
+    """The generator of one round's sample for `purpose` (a MessageType): a function of these
+    three only."""
+    words = [seed, server_round, SAMPLING, PURPOSES[purpose]]
+    return np.random.default_rng(np.random.SeedSequence(words))
+
+
+def sample_clients(
+    client_ids: Mapping[int, int], size: int, seed: int, server_round: int, purpose: str
+) -> list[int]:
+    """`size` of the nodes in `client_ids` (node id -> client id), drawn without replacement
+    over the sorted client ids; returned in client-id order."""
+    order = sorted(client_ids, key=client_ids.__getitem__)
+    picked = sampling_rng(seed, server_round, purpose).choice(len(order), size, replace=False)
+    return [order[i] for i in sorted(picked)]
 
 
 def _metrics_to_json(history: dict[int, MetricRecord]) -> dict[str, dict[str, Any]]:
@@ -191,7 +267,8 @@ def _metrics_from_json(history: dict[str, dict[str, Any]]) -> dict[int, MetricRe
 
 
 def _rng_state() -> tuple[ArrayDict, dict[str, Any]]:
-    """Server-side RNG states: Python's (node sampling), NumPy's and torch's global generators."""
+    """Server-side RNG states: Python's, NumPy's and torch's global generators (for whatever
+    else the ServerApp draws; client sampling has generators of its own)."""
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     arrays = {
@@ -230,9 +307,12 @@ class ServerHalf(FedAvg):
     swa_start : int | None
         Keep an SWA running mean of the global models from this round on.
     checkpoint_dir : str | None
-        Folder for `checkpoint.npz`, rewritten atomically after every round.
+        Folder for `checkpoint.npz`, rewritten atomically after every round, and for the
+        clients' state files (`clients/`).
     resume : bool
         Continue from the checkpoint in `checkpoint_dir` if one exists.
+    seed : int
+        Seed of client sampling: round r's train (evaluate) sample depends on (seed, r) alone.
     """
 
     algorithm = "fedavg"
@@ -254,6 +334,7 @@ class ServerHalf(FedAvg):
         swa_start: int | None = None,
         checkpoint_dir: str | None = None,
         resume: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -272,6 +353,10 @@ class ServerHalf(FedAvg):
         self.model_average = ModelAverage(ema_decay, swa_start)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.resume = resume
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds client sampling), got {seed}")
+        self.seed = int(seed)
+        self.state_id = ""  # names this run's client state files; set by `start`
         self.global_arrays: ArrayDict = {}
 
     # --- what subclasses extend -------------------------------------------------------------
@@ -301,14 +386,60 @@ class ServerHalf(FedAvg):
         log(INFO, "\t├──> Checkpoint: %s (resume=%s)", self.checkpoint_dir, self.resume)
         super().summary()
 
+    def sample(self, grid: Grid, server_round: int, purpose: str) -> list[int]:
+        """The nodes that train (purpose MessageType.TRAIN) or evaluate in `server_round`:
+        as many as Flower's FedAvg samples, drawn by `sample_clients` over the grid's client
+        ids (node ids for a plain Grid). Waits, as Flower does, for enough nodes."""
+        train = purpose == MessageType.TRAIN
+        fraction = self.fraction_train if train else self.fraction_evaluate
+        minimum = self.min_train_nodes if train else self.min_evaluate_nodes
+        size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
+        while len(nodes := list(grid.get_node_ids())) < max(self.min_available_nodes, size):
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
+                len(nodes), max(self.min_available_nodes, size))  # fmt: skip
+            time.sleep(1)
+        ids = grid.client_ids() if isinstance(grid, ClientIdGrid) else {n: n for n in nodes}
+        ids = {node: ids[node] for node in nodes}
+        sampled = sample_clients(ids, size, self.seed, server_round, purpose)
+        log(INFO, "configure_%s: sampled %d nodes (out of %d)",
+            "train" if train else "evaluate", len(sampled), len(nodes))  # fmt: skip
+        return sampled
+
+    def _messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        purpose: str,
+    ) -> list[Message]:
+        """FedAvg's messages to the nodes of `sample`."""
+        fraction = self.fraction_train if purpose == MessageType.TRAIN else self.fraction_evaluate
+        if fraction == 0.0:
+            return []
+        nodes = self.sample(grid, server_round, purpose)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, nodes, purpose))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Configure the next round of training; the config names the algorithm."""
+        """Configure the next round of training on the seeded sample; the config names the
+        algorithm and, with checkpoints, where clients keep their state."""
         self.global_arrays = to_numpy(arrays)
         for key, value in self.train_config().items():
             config[key] = value
-        return super().configure_train(server_round, arrays, config, grid)
+        if self.checkpoint_dir is not None and self.state_id:
+            config[STATE_DIR] = str(self.checkpoint_dir.resolve() / CLIENT_STATE_DIR)
+            config[STATE_ID] = self.state_id
+        return self._messages(server_round, arrays, config, grid, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure federated evaluation on the seeded evaluate sample."""
+        return self._messages(server_round, arrays, config, grid, MessageType.EVALUATE)
 
     def _check_and_log_replies(
         self, replies: Iterable[Message], is_train: bool, validate: bool = True
@@ -417,10 +548,13 @@ class ServerHalf(FedAvg):
 
         path = None if self.checkpoint_dir is None else self.checkpoint_dir / CHECKPOINT_NAME
         if self.resume and path is not None and path.exists():
-            arrays, done, result = self._restore(path, to_numpy(initial_arrays))
+            arrays, done, result = self._restore(path, to_numpy(initial_arrays), num_rounds)
             log(INFO, "Resuming from %s after round %d", path, done)
         else:
             arrays, done, result = to_numpy(initial_arrays), 0, Result()
+            if self.checkpoint_dir is not None:  # a fresh run: no earlier run's client state
+                shutil.rmtree(self.checkpoint_dir / CLIENT_STATE_DIR, ignore_errors=True)
+                self.state_id = uuid.uuid4().hex
             self.model_average.begin(arrays)
             if evaluate_fn:
                 res = evaluate_fn(0, initial_arrays)
@@ -487,6 +621,7 @@ class ServerHalf(FedAvg):
         meta = {
             "algorithm": self.algorithm,
             "round": server_round,
+            "state-id": self.state_id,
             "average": [self.model_average.ema_decay, self.model_average.swa_start],
             "average-count": self.model_average.count,
             "rng": rng_meta,
@@ -496,25 +631,29 @@ class ServerHalf(FedAvg):
         }
         save_checkpoint(path, groups, meta)
 
-    def _restore(self, path: Path, initial: ArrayDict) -> tuple[ArrayDict, int, Result]:
+    def _restore(
+        self, path: Path, initial: ArrayDict, num_rounds: int
+    ) -> tuple[ArrayDict, int, Result]:
         groups, meta = load_checkpoint(path)
         if meta["algorithm"] != self.algorithm:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: checkpoint of algorithm {meta['algorithm']!r}, this run is "
                 f"{self.algorithm!r}"
             )
+        _below_target(path, int(meta["round"]), num_rounds)
         arrays = groups["global"]
         for key, value in initial.items():
             if key not in arrays or arrays[key].shape != value.shape:
-                raise ValueError(
+                raise CheckpointError(
                     f"{path}: array '{key}' missing or shaped differently from the initial model"
                 )
         average = [self.model_average.ema_decay, self.model_average.swa_start]
         if meta["average"] != average:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: checkpoint has (ema_decay, swa_start) = {meta['average']}, "
                 f"this run {average}"
             )
+        self.state_id = str(meta.get("state-id", ""))
         self.model_average.average = groups.get("average")
         self.model_average.count = meta["average-count"]
         self.load_state_arrays(
