@@ -8,6 +8,8 @@ can show progress; the library itself prints nothing.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,19 +29,23 @@ from benchmark_builder.heterogeneity import (
 )
 from benchmark_builder.partition import (
     DIRICHLET_METHODS,
+    ConfigError,
     PartitionError,
+    check_seed,
     partition_indices,
     search_alpha,
     split_test,
 )
 from benchmark_builder.plots import benchmark_plots, heterogeneity_vs_alpha
-from benchmark_builder.psg import PSGDataset, load_psg
+from benchmark_builder.psg import PSGDataset, PSGFormatError, load_psg
 from benchmark_builder.shards import (
     FORMAT_VERSION,
     TEST_FILE,
     atomic_directory,
+    check_output,
     client_file,
     shard_entry,
+    shard_metadata,
     write_manifest,
 )
 
@@ -62,6 +68,22 @@ class BuildConfig:
     min_size: int = 1
     target_index: float | None = None
     alpha_sweep: Sequence[float] = ()
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first setting out of its range."""
+        check_seed(self.seed)
+        for name in ("num_clients", "num_clusters", "min_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        alphas = [("alpha", self.alpha)] if self.alpha is not None else []
+        for name, alpha in [*alphas, *(("alpha_sweep", a) for a in self.alpha_sweep)]:
+            if not (math.isfinite(alpha) and alpha > 0):
+                raise ConfigError(f"{name} values must be finite and > 0, got {alpha}")
+        if self.target_index is not None and not math.isfinite(self.target_index):
+            raise ConfigError(f"target_index must be a finite number, got {self.target_index}")
 
 
 @dataclass
@@ -118,6 +140,12 @@ def featurize_and_cluster(
         features = featurizer.fit_transform(dataset)
     with timer.stage("cluster"):
         texts = dataset_triplets(dataset)
+        distinct = len(np.unique(features, axis=0))
+        if labels is None and distinct < num_clusters:
+            raise PartitionError(
+                f"{dataset.source}: only {distinct} distinct image features"
+                f" ({featurizer.name}) for {num_clusters} clusters; lower --clusters"
+            )
         if labels is None:
             clustering = cluster_images(features, num_clusters, seed, texts)
         else:
@@ -132,21 +160,27 @@ def sweep_alpha(
     config: BuildConfig,
     alphas: Sequence[float],
 ) -> list[dict]:
-    """Heterogeneity of a Dirichlet partition of ``train`` at each alpha.
+    """Heterogeneity of a Dirichlet partition of ``train`` at each alpha: a diagnostic.
 
-    Uses ``config.partition`` when it is a Dirichlet method, else ``dirichlet``.
+    Uses ``config.partition`` when it is a Dirichlet method, else ``dirichlet``. An alpha that
+    cannot give every client ``min_size`` images gives a row with ``feasible`` false and no
+    indices; the build goes on.
     """
     method = config.partition if config.partition in DIRICHLET_METHODS else "dirichlet"
     labels = semantics.clustering.labels[train]
     rows = []
     for alpha in alphas:
-        parts = partition_indices(
-            labels, config.num_clients, method, alpha, config.min_size, config.seed
-        )
+        try:
+            parts = partition_indices(
+                labels, config.num_clients, method, alpha, config.min_size, config.seed
+            )
+        except PartitionError:
+            rows.append({"alpha": float(alpha), "feasible": False})
+            continue
         h = partition_heterogeneity(
             labels, semantics.clustering.num_clusters, semantics.predicates[train], parts
         )
-        rows.append({"alpha": float(alpha), **h.summary()})
+        rows.append({"alpha": float(alpha), "feasible": True, **h.summary()})
     return rows
 
 
@@ -166,13 +200,24 @@ def write_benchmark(
     labels, images, root = clustering.labels, dataset.images, dataset.images_root
     het: Heterogeneity = partition_heterogeneity(labels, k, semantics.predicates, parts)
     predicate_hist = client_counts(semantics.predicates, parts)
+    classes = {
+        "thing": dataset.thing_classes,
+        "stuff": dataset.stuff_classes,
+        "predicates": dataset.predicate_classes,
+    }
+    clusters = clustering.describe()
+    metadata = shard_metadata(classes, clusters)
+
+    def write(file: str, part: np.ndarray) -> dict:
+        return shard_entry(tmp, file, [images[j] for j in part], labels[part], k, root, metadata)
+
     clients = []
     for i, part in enumerate(parts):
-        entry = shard_entry(tmp, client_file(i), [images[j] for j in part], labels[part], k, root)
+        entry = write(client_file(i), part)
         entry["predicate_histogram"] = predicate_hist[i].tolist()
         entry["heterogeneity"] = het.clients[i]
         clients.append({"id": i, **entry})
-    test_entry = shard_entry(tmp, TEST_FILE, [images[j] for j in test], labels[test], k, root)
+    test_entry = write(TEST_FILE, test)
     featurizer = semantics.featurizer
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -182,11 +227,7 @@ def write_benchmark(
             "num_images": len(images),
             "has_pixels": root is not None,
         },
-        "classes": {
-            "thing": dataset.thing_classes,
-            "stuff": dataset.stuff_classes,
-            "predicates": dataset.predicate_classes,
-        },
+        "classes": classes,
         "featurizer": {
             "name": featurizer.name,
             "model_id": featurizer.model_id,
@@ -196,7 +237,7 @@ def write_benchmark(
             "method": "kmeans",
             "num_clusters": k,
             "silhouette": clustering.silhouette,
-            "clusters": clustering.describe(),
+            "clusters": clusters,
         },
         "partition": partition,
         "num_clients": len(parts),
@@ -247,7 +288,9 @@ def write_sweep(rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     heterogeneity_vs_alpha(rows, out_dir / "heterogeneity_vs_alpha.png")
     with open(out_dir / "heterogeneity_vs_alpha.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        indices = [f.name for f in dataclasses.fields(Heterogeneity) if f.name != "clients"]
+        fields = ["alpha", *indices, "feasible"]
+        writer = csv.DictWriter(handle, fieldnames=fields)  # infeasible rows leave indices blank
         writer.writeheader()
         writer.writerows(rows)
 
@@ -256,12 +299,40 @@ def check_alpha(config: BuildConfig) -> None:
     """Dirichlet methods take exactly one of alpha / target index; the others take neither."""
     given = (config.alpha is not None) + (config.target_index is not None)
     if config.partition in DIRICHLET_METHODS and given != 1:
-        raise PartitionError(f"{config.partition} needs exactly one of --alpha and --target-index")
+        raise ConfigError(f"{config.partition} needs exactly one of --alpha and --target-index")
     if config.partition not in DIRICHLET_METHODS and given:
-        raise PartitionError(
+        raise ConfigError(
             f"--alpha and --target-index are only for {', '.join(DIRICHLET_METHODS)},"
             f" not {config.partition!r}"
         )
+
+
+def check_relations(dataset: PSGDataset) -> None:
+    """Without a single relation there are no triplet semantics to cluster or measure."""
+    if not any(image["relations"] for image in dataset.images):
+        raise PSGFormatError(
+            dataset.source, None, "data[*].relations",
+            f"at least one relation in the dataset, got none in {len(dataset.images)} images",
+        )  # fmt: skip
+
+
+def check_test_split(labels: np.ndarray, test: np.ndarray, fraction: float) -> None:
+    """An empty test split leaves the server nothing to evaluate: refuse it with the reason."""
+    if len(test) == 0:
+        largest = int(np.bincount(labels).max())
+        raise PartitionError(
+            f"the test split is empty: {fraction:g} of each cluster rounds to 0 images"
+            f" (the largest cluster has {largest}); raise --test-fraction or lower --clusters"
+        )
+
+
+@contextmanager
+def _naming(source: Path) -> Iterator[None]:
+    """Prefix a partition error with the input file, so the CLI's one line names it."""
+    try:
+        yield
+    except PartitionError as error:
+        raise type(error)(f"{source}: {error}") from error
 
 
 def build_benchmark(
@@ -272,20 +343,28 @@ def build_benchmark(
     overwrite: bool = False,
     on_stage: StageCallback | None = None,
 ) -> BuildResult:
-    """Build a benchmark folder from a ``psg.json(.gz)``; nothing is left at ``out`` on failure."""
+    """Build a benchmark folder from a ``psg.json(.gz)``; nothing is left at ``out`` on failure.
+
+    Raises ``ConfigError`` for settings out of range, ``PSGFormatError`` for bad input,
+    ``PartitionError`` for data that cannot be split as asked, ``BenchmarkError`` for the output.
+    """
+    config.validate()
     check_alpha(config)
+    check_output(Path(out), overwrite)
     timer = Timer(on_stage)
     with timer.stage("load"):
         dataset = load_psg(psg, images_root)
+        check_relations(dataset)
         if not 1 <= config.num_clusters <= len(dataset.images):
             raise PartitionError(
                 f"{psg}: {len(dataset.images)} images cannot form {config.num_clusters} clusters"
             )
         featurizer = build_featurizer(config.featurizer, **config.featurizer_options)
     semantics = featurize_and_cluster(dataset, featurizer, config.num_clusters, config.seed, timer)
-    with timer.stage("partition"):
+    with timer.stage("partition"), _naming(dataset.source):
         labels = semantics.clustering.labels
         train, test = split_test(labels, config.test_fraction, config.seed)
+        check_test_split(labels, test, config.test_fraction)
         alpha, partition = config.alpha, {"method": config.partition}
         if config.target_index is not None:
             alpha, achieved = search_alpha(

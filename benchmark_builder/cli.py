@@ -1,7 +1,9 @@
 """``fedpsg-build``: synthesize PSG data, build and inspect federated benchmarks, FL-PSG interop.
 
 Bad input (``PSGFormatError``, ``BenchmarkError``, ``PartitionError``) prints one line to stderr
-and exits 1 with nothing written; usage errors exit 2.
+and exits 1 with nothing written; usage errors (flag values out of range, ``ConfigError``) exit 2.
+The error line is the only line on stderr: progress bars are transient and drawn only on a
+terminal.
 """
 
 from __future__ import annotations
@@ -20,14 +22,27 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from benchmark_builder.build import STAGES, BuildConfig, StageCallback, build_benchmark
-from benchmark_builder.partition import DIRICHLET_METHODS, PartitionError
+from benchmark_builder.partition import (
+    DIRICHLET_METHODS,
+    SEED_END,
+    ConfigError,
+    PartitionError,
+)
 from benchmark_builder.psg import PSGFormatError
 from benchmark_builder.shards import BenchmarkError, open_benchmark
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__,
+    pretty_exceptions_show_locals=False,
+)
 out_console = Console()
 err_console = Console(stderr=True)
 INPUT_ERRORS = (PSGFormatError, BenchmarkError, PartitionError, FileExistsError)
+SeedOption = Annotated[
+    int, typer.Option(min=0, max=SEED_END - 1, help="Random seed, in [0, 2**32).")
+]
 
 
 class Method(StrEnum):
@@ -51,9 +66,11 @@ CacheDirOption = Annotated[Path | None, typer.Option(help="Embedding cache folde
 
 @contextmanager
 def friendly_errors() -> Iterator[None]:
-    """Turn bad-input errors into one stderr line and exit code 1."""
+    """Turn bad-input errors into one stderr line and exit code 1 (2 for a ``ConfigError``)."""
     try:
         yield
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None
     except INPUT_ERRORS as error:
         err_console.print(
             f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
@@ -61,16 +78,27 @@ def friendly_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-@contextmanager
-def stage_progress(stages: tuple[str, ...], quiet: bool) -> Iterator[StageCallback]:
-    """A rich progress bar advanced by the build's stage callback."""
+def progress_bar(quiet: bool) -> Progress:
+    """The one progress style of the CLI: rich, on stderr, transient, only on a terminal."""
     columns = (
         SpinnerColumn(),
-        TextColumn("{task.description:<10}"),
+        TextColumn("{task.description:<12}"),
         BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err_console, disable=quiet, transient=False) as progress:
+    return Progress(
+        *columns,
+        console=err_console,
+        disable=quiet or not err_console.is_terminal,
+        transient=True,
+    )
+
+
+@contextmanager
+def stage_progress(stages: tuple[str, ...], quiet: bool) -> Iterator[StageCallback]:
+    """A progress bar advanced by the build's stage callback."""
+    with progress_bar(quiet) as progress:
         task = progress.add_task("start", total=len(stages))
 
         def on_stage(name: str) -> None:
@@ -85,7 +113,6 @@ def featurizer_options(
     category_map: Path | None,
     model: str | None,
     cache_dir: Path | None,
-    quiet: bool,
 ) -> dict:
     """Constructor arguments of the chosen featurizer, checking the CLI combination."""
     if featurizer is FeaturizerName.category_map:
@@ -94,7 +121,7 @@ def featurizer_options(
         return {"category_map": category_map}
     if category_map is not None:
         raise typer.BadParameter("--category-map is only for --featurizer category-map")
-    return {"model": model, "cache_dir": cache_dir, "progress": not quiet}
+    return {"model": model, "cache_dir": cache_dir}
 
 
 def summary_table(manifest: dict) -> Table:
@@ -187,17 +214,25 @@ def show(manifest: dict, out: Path, timings: dict[str, float]) -> None:
 def synth(
     out: Annotated[Path, typer.Option(help="Folder to write images/, panoptic/ and psg.json.")],
     images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 200,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    image_size: Annotated[int, typer.Option(min=16, help="Square image side in pixels.")] = 64,
+    seed: SeedOption = 0,
+    image_size: Annotated[
+        int, typer.Option(min=16, max=4096, help="Square image side in pixels.")
+    ] = 64,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Write a synthetic PSG dataset (the embedded default input)."""
     from benchmark_builder.synthetic import generate_synthetic_psg
 
-    with friendly_errors():
+    with friendly_errors(), progress_bar(quiet) as progress:
+        task = progress.add_task("synthesizing", total=images)
         path = generate_synthetic_psg(
-            out, images, seed, image_size, progress=not quiet, overwrite=overwrite
+            out,
+            images,
+            seed,
+            image_size,
+            overwrite=overwrite,
+            on_image=lambda: progress.advance(task),
         )
     out_console.print(f"wrote {path} ({images} images; --images-root {out})", highlight=False)
 
@@ -224,8 +259,8 @@ def build(
     category_map: CategoryMapOption = None,
     model: ModelOption = None,
     cache_dir: CacheDirOption = None,
-    seed: Annotated[int, typer.Option(help="Seed of clustering, split and partition.")] = 0,
-    test_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="Held-out share.")] = 0.1,
+    seed: SeedOption = 0,
+    test_fraction: Annotated[float, typer.Option(help="Held-out share, in (0, 1).")] = 0.1,
     min_size: Annotated[int, typer.Option(min=1, help="Fewest images per client.")] = 1,
     alpha_sweep: Annotated[
         str | None, typer.Option(help="Comma-separated alphas: plot heterogeneity vs alpha.")
@@ -246,20 +281,24 @@ def build(
     try:
         sweep = [float(a) for a in alpha_sweep.split(",")] if alpha_sweep else []
     except ValueError:
-        raise typer.BadParameter(f"not a comma-separated list of numbers: {alpha_sweep}") from None
+        raise typer.BadParameter(
+            f"not a comma-separated list of numbers: {alpha_sweep}", param_hint="--alpha-sweep"
+        ) from None
     config = BuildConfig(
         num_clients=clients,
         partition=partition.value,
         alpha=alpha,
         num_clusters=clusters,
         featurizer=featurizer.value,
-        featurizer_options=featurizer_options(featurizer, category_map, model, cache_dir, quiet),
+        featurizer_options=featurizer_options(featurizer, category_map, model, cache_dir),
         seed=seed,
         test_fraction=test_fraction,
         min_size=min_size,
         target_index=target_index,
         alpha_sweep=sweep,
     )
+    with friendly_errors():
+        config.validate()
     with friendly_errors(), stage_progress(STAGES, quiet) as on_stage:
         result = build_benchmark(psg, out, config, images_root, overwrite, on_stage)
     if not quiet:
@@ -313,14 +352,14 @@ def import_flpsg_command(
     model: ModelOption = None,
     cache_dir: CacheDirOption = None,
     images_root: Annotated[Path | None, typer.Option(help="Root of the image files.")] = None,
-    seed: Annotated[int, typer.Option(help="KMeans seed.")] = 0,
+    seed: SeedOption = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing benchmark folder.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars or tables.")] = False,
 ) -> None:
     """Import an FL-PSG split folder as a benchmark (our manifest and indices)."""
     from benchmark_builder.flpsg import import_flpsg
 
-    options = featurizer_options(featurizer, category_map, model, cache_dir, quiet)
+    options = featurizer_options(featurizer, category_map, model, cache_dir)
     with friendly_errors(), stage_progress(STAGES, quiet) as on_stage:
         result = import_flpsg(
             folder,

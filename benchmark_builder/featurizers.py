@@ -104,10 +104,20 @@ def bundled_model_path() -> Path:
 
 @functools.lru_cache(maxsize=2)
 def load_encoder(model: str, device: str) -> Any:
-    """A sentence-transformers model, loaded once per process (loading costs seconds)."""
-    from sentence_transformers import SentenceTransformer
+    """A sentence-transformers model, loaded once per process (loading costs seconds).
 
-    return SentenceTransformer(model, device=device)
+    transformers' own weight-loading bar is switched off meanwhile: it would leak into logs.
+    """
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(model, device=device)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 class EmbeddingCache:
@@ -188,8 +198,6 @@ class EmbeddingFeaturizer:
         Texts per forward pass.
     device : str
         Torch device for the model.
-    progress : bool
-        Show sentence-transformers' progress bar while embedding (opt-in, for CLIs).
     """
 
     name = "embedding"
@@ -201,14 +209,12 @@ class EmbeddingFeaturizer:
         cache_dir: str | Path | None = None,
         batch_size: int = 256,
         device: str = "cpu",
-        progress: bool = False,
     ) -> None:
         self.model = model
         self.model_id = model_id or (DEFAULT_MODEL_ID if model is None else str(model))
         self.cache = EmbeddingCache(cache_dir or default_cache_dir(), self.model_id)
         self.batch_size = batch_size
         self.device = device
-        self.progress = progress
         self.dim = 0
         self.model_calls = 0
         self._encoder: Any = None
@@ -231,7 +237,7 @@ class EmbeddingFeaturizer:
                 batch_size=self.batch_size,
                 normalize_embeddings=True,
                 convert_to_numpy=True,
-                show_progress_bar=self.progress,
+                show_progress_bar=False,  # the CLI shows its own (rich) progress
             )
             self.model_calls += 1
             self.cache.add(todo, vectors)

@@ -21,12 +21,19 @@ from benchmark_builder.build import (
     BuildResult,
     StageCallback,
     Timer,
+    check_relations,
     featurize_and_cluster,
     write_benchmark,
 )
 from benchmark_builder.featurizers import build_featurizer
+from benchmark_builder.partition import check_seed
 from benchmark_builder.psg import PSGDataset, PSGFormatError, load_psg
-from benchmark_builder.shards import BenchmarkError, atomic_directory, open_benchmark
+from benchmark_builder.shards import (
+    BenchmarkError,
+    atomic_directory,
+    check_output,
+    open_benchmark,
+)
 
 USER_FILE = re.compile(r"^User(\d+)\.json$")
 TEST_JSON = "test.json"
@@ -163,11 +170,21 @@ def import_flpsg(
     """Build a benchmark folder whose clients are exactly the folder's ``User{i}.json`` files.
 
     Clusters come from KMeans (``num_clusters``) on ``featurizer`` vectors, or from the benchmark
-    at ``clusters_from`` (every image must be in it; its cluster count is used).
+    at ``clusters_from`` (every image must be in it; its cluster count is used). The folder
+    must hold ``test.json``: a benchmark without a held-out split gives the server nothing to
+    evaluate.
     """
+    check_seed(seed)
+    check_output(Path(out), overwrite)
     timer = Timer(on_stage)
     with timer.stage("load"):
         dataset, parts, test = read_flpsg(folder, images_root)
+        if len(test) == 0:
+            raise PSGFormatError(
+                Path(folder) / TEST_JSON, None, "<file>",
+                "a test.json with the held-out images (a benchmark needs a test split)",
+            )  # fmt: skip
+        check_relations(dataset)
         model = build_featurizer(featurizer, **(featurizer_options or {}))
         labels = None
         if clusters_from is not None:

@@ -41,8 +41,21 @@ METHODS = ("dirichlet", "dirichlet-client", "iid", "shard")
 DIRICHLET_METHODS = ("dirichlet", "dirichlet-client")
 
 
+SEED_END = 2**32  # numpy and scikit-learn seeds are 32-bit
+
+
 class PartitionError(ValueError):
-    """The requested partition cannot be made (bad method/alpha, or min size unreachable)."""
+    """The requested partition cannot be made from this data (e.g. min size unreachable)."""
+
+
+class ConfigError(PartitionError):
+    """A setting is out of its range whatever the data (a usage error: the CLI exits 2)."""
+
+
+def check_seed(seed: object) -> None:
+    """Seeds are integers in ``[0, 2**32)``, the range every seeded library accepts."""
+    if type(seed) is not int or not 0 <= seed < SEED_END:
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
 class SemanticPartitioner(Partitioner):
@@ -84,6 +97,7 @@ class SemanticPartitioner(Partitioner):
             raise PartitionError(f"alpha must be > 0, got {alpha}")
         if num_partitions < 1:
             raise PartitionError(f"need at least one partition, got {num_partitions}")
+        check_seed(seed)
         self._num_partitions = num_partitions
         self.method = method
         self.alpha = None if alpha is None else float(alpha)
@@ -223,26 +237,45 @@ def search_alpha(
 
     The index falls as alpha grows; at a fixed seed it is not strictly monotone, so the best
     alpha seen is returned with its index. An alpha whose draw cannot meet ``min_size`` counts as
-    too heterogeneous. Returns ``(alpha, achieved_index)``.
+    too heterogeneous. Both ends of ``bounds`` are tried first, so a target that no alpha reaches
+    is refused with ``PartitionError`` naming the reachable range. Returns
+    ``(alpha, achieved_index)``.
     """
     if method not in DIRICHLET_METHODS:
         raise PartitionError(f"alpha search needs a Dirichlet method, got {method!r}")
-    low, high = math.log(bounds[0]), math.log(bounds[1])
-    best = (math.inf, bounds[1], 0.0)
-    for _ in range(steps):
-        mid = (low + high) / 2
-        alpha = math.exp(mid)
+    seen: dict[float, float] = {}
+
+    def index_at(alpha: float) -> float | None:
         try:
             parts = partition_indices(labels, num_partitions, method, alpha, min_size, seed)
         except PartitionError:
-            low = mid
-            continue
-        index = cluster_jsd(labels, num_clusters, parts)
-        best = min(best, (abs(index - target), alpha, index))
-        if abs(index - target) <= tolerance:
+            return None
+        seen[alpha] = cluster_jsd(labels, num_clusters, parts)
+        return seen[alpha]
+
+    for alpha in bounds:
+        index_at(alpha)
+    low, high = math.log(bounds[0]), math.log(bounds[1])
+    for _ in range(steps):
+        if seen and min(abs(i - target) for i in seen.values()) <= tolerance:
             break
-        if index > target:
+        mid = (low + high) / 2
+        index = index_at(math.exp(mid))
+        if index is None or index > target:
             low = mid
         else:
             high = mid
-    return best[1], best[2]
+    if not seen:
+        raise PartitionError(
+            f"no alpha in [{bounds[0]:g}, {bounds[1]:g}] gives all {num_partitions} clients"
+            f" at least {min_size} images; use fewer clients or a lower min size"
+        )
+    alpha = min(seen, key=lambda a: (abs(seen[a] - target), a))
+    reachable = (min(seen.values()), max(seen.values()))
+    if abs(seen[alpha] - target) > tolerance and not reachable[0] <= target <= reachable[1]:
+        raise PartitionError(
+            f"target index {target:g} is outside the reachable cluster JSD range"
+            f" [{reachable[0]:.4f}, {reachable[1]:.4f}] (alpha {bounds[0]:g} to {bounds[1]:g},"
+            f" {num_partitions} clients, {num_clusters} clusters, {method})"
+        )
+    return alpha, seen[alpha]

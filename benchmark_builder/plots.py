@@ -62,12 +62,21 @@ def predicate_distribution(manifest: dict, path: Path, top: int = 12) -> Path:
 
 
 def heterogeneity_vs_alpha(rows: Sequence[dict], path: Path) -> Path:
-    """Cluster and predicate JSD (and the cluster maximum) against alpha, log x-axis."""
-    alphas = [r["alpha"] for r in rows]
+    """Cluster and predicate JSD (and the cluster maximum) against alpha, log x-axis.
+
+    Rows with ``feasible`` false (no partition meets the min size) are marked on the x-axis.
+    """
+    feasible = [r for r in rows if r["feasible"]]
+    alphas = [r["alpha"] for r in feasible]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(alphas, [r["cluster_jsd"] for r in rows], "o-", label="cluster JSD")
-    ax.plot(alphas, [r["predicate_jsd"] for r in rows], "s-", label="predicate JSD")
-    ax.axhline(rows[0]["cluster_jsd_max"], ls="--", c="grey", label="cluster JSD max")
+    ax.plot(alphas, [r["cluster_jsd"] for r in feasible], "o-", label="cluster JSD")
+    ax.plot(alphas, [r["predicate_jsd"] for r in feasible], "s-", label="predicate JSD")
+    if feasible:
+        ax.axhline(feasible[0]["cluster_jsd_max"], ls="--", c="grey", label="cluster JSD max")
+    infeasible = [r["alpha"] for r in rows if not r["feasible"]]
+    if infeasible:
+        ax.plot(infeasible, [0] * len(infeasible), "rx", ms=10, clip_on=False,
+                label="infeasible (min size unreachable)")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("Dirichlet alpha")
     ax.set_ylabel("heterogeneity index (JSD, base 2)")

@@ -11,10 +11,11 @@ import gc
 import gzip
 import hashlib
 import json
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from PIL import Image
@@ -33,6 +34,11 @@ IMAGE_KEYS = (
 SEGMENT_KEYS = ("id", "category_id", "iscrowd", "isthing", "area")
 ANNOTATION_KEYS = ("bbox", "category_id")
 MAX_SEGMENT_IDS = 1 << 16  # distinct colours a panoptic PNG may hold (a photo has far more)
+SEGMENT_ID_END = 1 << 24  # a panoptic id is R + 256 G + 256^2 B, so below 256^3
+MAX_SIDE = 1 << 16  # pixels per image side (JPEG's limit; PIL refuses far smaller as a bomb)
+MAX_NAME = 256  # characters of a class name, predicate name or image id
+MAX_FILE_NAME = 1024  # characters of a file name
+MAX_CLASSES = 1 << 16  # entries of a class or predicate list
 
 
 class PSGFormatError(ValueError):
@@ -70,6 +76,33 @@ class PSGDataset:
         return self.thing_classes + self.stuff_classes
 
 
+def image_path(root: Path, record: dict, key: str) -> Path:
+    """``root / record[key]``, resolved; refused unless it stays inside ``root``.
+
+    ``file_name`` and ``pan_seg_file_name`` come from an untrusted file: an absolute name, ``..``
+    or a symlink pointing out of the images root would otherwise read (and embed into a shard) a
+    file the user never meant to share.
+    """
+    base = root.resolve()
+    path = (root / record[key]).resolve()
+    if not path.is_relative_to(base):
+        raise PSGFormatError(
+            root, record["image_id"], key, f"a file inside the images root, got {path}"
+        )
+    return path
+
+
+def read_image_bytes(root: Path, record: dict, key: str) -> bytes:
+    """The bytes of an image or panoptic PNG of ``record`` (see :func:`image_path`)."""
+    path = image_path(root, record, key)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise PSGFormatError(
+            path, record["image_id"], key, f"a readable file, got {err.strerror}"
+        ) from err
+
+
 def load_psg(
     path: str | Path, images_root: str | Path | None = None, check_images: bool = True
 ) -> PSGDataset:
@@ -101,11 +134,13 @@ def load_psg(
             )
         seen[image_id] = index
     root = None if images_root is None else Path(images_root)
-    if root is not None and check_images:
+    if root is not None:
         if not root.is_dir():
             raise PSGFormatError(root, None, "<images_root>", "an existing folder")
         for record in doc["data"]:
-            _check_pixels(root, record)
+            paths = [image_path(root, record, key) for key in ("file_name", "pan_seg_file_name")]
+            if check_images:
+                _check_pixels(record, *paths)
     return PSGDataset(
         thing_classes=doc["thing_classes"],
         stuff_classes=doc["stuff_classes"],
@@ -129,8 +164,17 @@ def _parse(path: Path, raw: bytes) -> Any:
             ) from err
     collecting = gc.isenabled()
     gc.disable()  # millions of new containers, no cycles: halves the parse time on real files
+    duplicated: list[tuple[dict, str]] = []
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            seen: set[str] = set()
+            duplicated.append((obj, next(k for k, _ in pairs if k in seen or seen.add(k))))
+        return obj
+
     try:
-        return json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as err:
         raise PSGFormatError(
             path,
@@ -145,6 +189,39 @@ def _parse(path: Path, raw: bytes) -> Any:
     finally:
         if collecting:
             gc.enable()
+    if duplicated:
+        _refuse_duplicate(path, doc, *duplicated[0])
+    return doc
+
+
+def _refuse_duplicate(path: Path, doc: Any, obj: dict, key: str) -> None:
+    """Name the first object holding a repeated key: JSON would silently keep the last value."""
+    where = _locate(doc, obj, "") or ""
+    image_id = None
+    match = re.match(r"^data\[(\d+)\]\.?(.*)$", where)
+    if match:
+        record = doc["data"][int(match.group(1))]
+        if isinstance(record, dict) and name_problem(record.get("image_id")) is None:
+            image_id, where = record["image_id"], match.group(2)
+    field = f"{where}.{key}" if where else key
+    raise PSGFormatError(path, image_id, field, "each key once per object, got it twice")
+
+
+def _locate(node: Any, target: dict, where: str) -> str | None:
+    """JSON path of ``target`` (by identity) inside ``node``, or None."""
+    if node is target:
+        return where
+    children = (
+        ((f"{where}.{k}" if where else k, v) for k, v in node.items())
+        if isinstance(node, dict)
+        else ((f"{where}[{i}]", v) for i, v in enumerate(node))
+        if isinstance(node, list)
+        else ()
+    )
+    for child_where, child in children:
+        if isinstance(child, dict | list) and (found := _locate(child, target, child_where)):
+            return found
+    return None
 
 
 def _check_top_level(path: Path, doc: Any) -> None:
@@ -153,15 +230,50 @@ def _check_top_level(path: Path, doc: Any) -> None:
     for key in TOP_LEVEL_KEYS:
         if key not in doc:
             raise PSGFormatError(path, None, key, "this top-level key, it is missing")
+    seen: dict[str, str] = {}
     for key in ("thing_classes", "stuff_classes", "predicate_classes"):
         names = doc[key]
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise PSGFormatError(path, None, key, "a non-empty list of class names")
+        if not isinstance(names, list) or not 0 < len(names) <= MAX_CLASSES:
+            raise PSGFormatError(path, None, key, f"a list of 1 to {MAX_CLASSES} class names")
+        if key == "predicate_classes":
+            seen = {}  # predicates are their own name space
+        for j, name in enumerate(names):
+            problem = name_problem(name)
+            if problem:
+                raise PSGFormatError(path, None, f"{key}[{j}]", problem)
+            if name in seen:
+                raise PSGFormatError(
+                    path, None, f"{key}[{j}]", f"a unique name, got {name!r} as {seen[name]}"
+                )
+            seen[name] = f"{key}[{j}]"
     if not isinstance(doc["data"], list):
         raise PSGFormatError(path, None, "data", f"a list of images, got {_kind(doc['data'])}")
     test_ids = doc.get("test_image_ids", [])
-    if not isinstance(test_ids, list) or not all(isinstance(i, str) for i in test_ids):
+    if not isinstance(test_ids, list):
         raise PSGFormatError(path, None, "test_image_ids", "a list of string image ids")
+    for j, image_id in enumerate(test_ids):
+        problem = name_problem(image_id)
+        if problem:
+            raise PSGFormatError(path, None, f"test_image_ids[{j}]", problem)
+    if len(set(test_ids)) < len(test_ids):
+        raise PSGFormatError(path, None, "test_image_ids", "each image id once")
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` is not a sane class name or id (it goes into texts and one-line errors)."""
+    if not isinstance(name, str) or not name:
+        return f"a non-empty string, got {_short(name)}"
+    if len(name) > MAX_NAME:
+        return f"at most {MAX_NAME} characters, got {len(name)}"
+    if not name.isprintable():
+        return f"printable characters only, got {name!r}"
+    return None
+
+
+def _short(value: Any) -> str:
+    """``repr`` cut to 60 characters: an error line stays one short line whatever the input."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _check_image(
@@ -179,21 +291,21 @@ def _check_image(
                 "this key, it is missing",
             )
     image_id = record["image_id"]
-    if not isinstance(image_id, str) or not image_id:
-        raise PSGFormatError(
-            path, None, f"data[{index}].image_id", f"a non-empty string, got {image_id!r}"
-        )
+    problem = name_problem(image_id)
+    if problem:
+        raise PSGFormatError(path, None, f"data[{index}].image_id", problem)
 
     def fail(field: str, expected: str) -> PSGFormatError:
         return PSGFormatError(path, image_id, field, expected)
 
     for key in ("file_name", "pan_seg_file_name"):
-        if not isinstance(record[key], str) or not record[key]:
-            raise fail(key, f"a non-empty file name, got {record[key]!r}")
+        problem = _filename_problem(record[key])
+        if problem:
+            raise fail(key, problem)
     height, width = record["height"], record["width"]
     for key, value in (("height", height), ("width", width)):
-        if type(value) is not int or value <= 0:
-            raise fail(key, f"a positive integer, got {value!r}")
+        if type(value) is not int or not 0 < value <= MAX_SIDE:
+            raise fail(key, f"an integer in [1, {MAX_SIDE}], got {_short(value)}")
 
     segments, annotations = record["segments_info"], record["annotations"]
     if not isinstance(segments, list):
@@ -206,7 +318,7 @@ def _check_image(
         )
     segment_ids = set()
     for j, (segment, annotation) in enumerate(zip(segments, annotations, strict=True)):
-        category = _check_segment(fail, j, segment, num_things, num_classes)
+        category = _check_segment(fail, j, segment, num_things, num_classes, width * height)
         if segment["id"] in segment_ids:
             raise fail(f"segments_info[{j}].id", f"a unique segment id, got {segment['id']}")
         segment_ids.add(segment["id"])
@@ -225,8 +337,22 @@ def _check_image(
             )
         ):
             if type(value) is not int or not 0 <= value < bound:
-                raise fail(f"relations[{k}][{position}]", f"{what} in [0, {bound}), got {value!r}")
+                raise fail(
+                    f"relations[{k}][{position}]", f"{what} in [0, {bound}), got {_short(value)}"
+                )
     return image_id
+
+
+def _filename_problem(name: Any) -> str | None:
+    """Why ``name`` is not a relative path inside the images root (checked lexically here)."""
+    if not isinstance(name, str) or not name:
+        return f"a non-empty file name, got {_short(name)}"
+    if len(name) > MAX_FILE_NAME or not name.isprintable():
+        return f"a printable file name of at most {MAX_FILE_NAME} characters, got {_short(name)}"
+    parts = PurePosixPath(name.replace("\\", "/"))
+    if parts.is_absolute() or ".." in parts.parts or PureWindowsPath(name).drive:
+        return f"a relative path inside the images root, got {_short(name)}"
+    return None
 
 
 _RELATION_PARTS = ("a segment index", "a segment index", "a predicate id")
@@ -238,6 +364,7 @@ def _check_segment(
     segment: Any,
     num_things: int,
     num_classes: int,
+    pixels: int,
 ) -> int:
     """Validate ``segments_info[j]`` and return its category id."""
     if not isinstance(segment, dict):
@@ -246,25 +373,32 @@ def _check_segment(
         if key not in segment:
             raise fail(f"segments_info[{j}].{key}", "this key, it is missing")
     segment_id, category = segment["id"], segment["category_id"]
-    if type(segment_id) is not int or segment_id <= 0:
-        raise fail(f"segments_info[{j}].id", f"a positive integer, got {segment_id!r}")
+    if type(segment_id) is not int or not 0 < segment_id < SEGMENT_ID_END:
+        raise fail(
+            f"segments_info[{j}].id",
+            f"a panoptic id (R + 256 G + 256^2 B) in [1, {SEGMENT_ID_END}),"
+            f" got {_short(segment_id)}",
+        )
     if type(category) is not int or not 0 <= category < num_classes:
         raise fail(
             f"segments_info[{j}].category_id",
-            f"a category id in [0, {num_classes}), got {category!r}",
+            f"a category id in [0, {num_classes}), got {_short(category)}",
         )
     isthing = category < num_things
-    if segment["isthing"] not in (0, 1) or bool(segment["isthing"]) != isthing:
+    if type(segment["isthing"]) is not int or segment["isthing"] != isthing:
         raise fail(
             f"segments_info[{j}].isthing",
             f"{int(isthing)} for a {'thing' if isthing else 'stuff'} category "
-            f"({category}), got {segment['isthing']!r}",
+            f"({category}), got {_short(segment['isthing'])}",
         )
-    if segment["iscrowd"] not in (0, 1):
-        raise fail(f"segments_info[{j}].iscrowd", f"0 or 1, got {segment['iscrowd']!r}")
+    if type(segment["iscrowd"]) is not int or segment["iscrowd"] not in (0, 1):
+        raise fail(f"segments_info[{j}].iscrowd", f"0 or 1, got {_short(segment['iscrowd'])}")
     area = segment["area"]
-    if type(area) not in (int, float) or not area >= 0:
-        raise fail(f"segments_info[{j}].area", f"a non-negative number, got {area!r}")
+    if type(area) is not int or not 0 <= area <= pixels:
+        raise fail(
+            f"segments_info[{j}].area",
+            f"an integer pixel count in [0, {pixels}] (height x width), got {_short(area)}",
+        )
     return category
 
 
@@ -288,28 +422,27 @@ def _check_annotation(
             f"0 (absolute x1, y1, x2, y2), got {annotation['bbox_mode']!r}",
         )
     box = annotation["bbox"]
-    try:  # NaN, infinities, wrong types and wrong lengths all fail here
-        x1, y1, x2, y2 = box if isinstance(box, list) else ()
+    numbers = isinstance(box, list) and all(type(v) in (int, float) for v in box)
+    try:  # NaN, infinities and wrong lengths all fail here
+        x1, y1, x2, y2 = box if numbers else ()
         inside = 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
-    except (TypeError, ValueError):
+    except ValueError:
         inside = False
     if not inside:
         raise fail(
             f"annotations[{j}].bbox",
             f"[x1, y1, x2, y2] with 0 <= x1 <= x2 <= {width}"
-            f" and 0 <= y1 <= y2 <= {height}, got {box!r}",
+            f" and 0 <= y1 <= y2 <= {height}, got {_short(box)}",
         )
 
 
-def _check_pixels(root: Path, record: dict) -> None:
+def _check_pixels(record: dict, picture_path: Path, pan_path: Path) -> None:
     """The image and its panoptic PNG exist, decode, match the size and hold every segment id."""
     image_id, size = record["image_id"], (record["width"], record["height"])
-    image_path = root / record["file_name"]
-    with _open_image(image_path, image_id, "file_name") as image:
-        _check_size(image_path, image_id, "file_name", image.size, size)
+    with _open_image(picture_path, image_id, "file_name") as image:
+        _check_size(picture_path, image_id, "file_name", image.size, size)
         image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))  # fast JPEG decode
-        _decode(image, image_path, image_id, "file_name")
-    pan_path = root / record["pan_seg_file_name"]
+        _decode(image, picture_path, image_id, "file_name")
     with _open_image(pan_path, image_id, "pan_seg_file_name") as pan:
         _check_size(pan_path, image_id, "pan_seg_file_name", pan.size, size)
         _decode(pan, pan_path, image_id, "pan_seg_file_name")

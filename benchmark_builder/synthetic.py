@@ -15,12 +15,12 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 with exclusive x2, y2 (pixel edges)
 
@@ -122,13 +122,14 @@ def generate_synthetic_psg(
     num_images: int,
     seed: int,
     image_size: int = 64,
-    progress: bool = False,
     overwrite: bool = False,
+    on_image: Callable[[], None] | None = None,
 ) -> Path:
     """Write ``images/*.jpg``, ``panoptic/*.png`` and ``psg.json`` in ``out_dir``; return the json.
 
     The folder is built in a temporary sibling and renamed at the end, so an interrupted run leaves
     nothing behind. An existing non-empty ``out_dir`` is replaced only with ``overwrite=True``.
+    ``on_image`` (opt-in, for a CLI's progress bar) is called after each image is written.
     """
     if num_images < 1 or image_size < 16:
         raise ValueError(
@@ -144,7 +145,7 @@ def generate_synthetic_psg(
         (tmp / "images").mkdir(parents=True)
         (tmp / "panoptic").mkdir()
         records, test_ids = [], []
-        for index in tqdm(range(num_images), desc="synthesizing", disable=not progress):
+        for index in range(num_images):
             rng = np.random.default_rng([seed, index])
             record, image, panoptic = _render_scene(rng, str(index), image_size)
             Image.fromarray(image).save(tmp / record["file_name"], quality=90)
@@ -152,6 +153,8 @@ def generate_synthetic_psg(
             records.append(record)
             if rng.random() < TEST_FRACTION:
                 test_ids.append(record["image_id"])
+            if on_image is not None:
+                on_image()
         doc = {
             "thing_classes": THING_CLASSES,
             "stuff_classes": STUFF_CLASSES,

@@ -154,7 +154,9 @@ def test_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written
     assert len(load_psg(out / "psg.json").images) == 3  # the old dataset is intact
     monkeypatch.undo()
-    generate_synthetic_psg(out, 4, seed=0, overwrite=True, progress=True)
+    written = []
+    generate_synthetic_psg(out, 4, seed=0, overwrite=True, on_image=lambda: written.append(1))
+    assert len(written) == 4
     assert len(load_psg(out / "psg.json", images_root=out).images) == 4
 
 
