@@ -68,7 +68,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     train_scenes: list[Scene] = _DATA["train"]
     test_scenes: list[Scene] = _DATA["test"]
     torch.manual_seed(args.seed)
-    model = build_model(name, spec, prior)
+    model = build_model(name, spec)
+    if model.frequency_bias is not None:  # IMP has none (as in the paper)
+        model.set_prior(prior)
     params = sum(p.numel() for p in model.parameters())
     table = sum(
         p.numel() for m in model.modules() if isinstance(m, FrequencyBias) for p in m.parameters()

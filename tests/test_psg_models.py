@@ -26,6 +26,11 @@ def scenes(visual: bool) -> list:
     return [random_scene(rng, n, r, visual) for n, r in [(1, 0), (2, 1), (9, 6), (4, 0)]]
 
 
+def with_table(name: str) -> dict:
+    """IMP's frequency table is optional (off by default, as in the paper): on here."""
+    return {"use_bias": True} if name == "imp" else {}
+
+
 def spec(visual: bool) -> ModelSpec:
     return ModelSpec(
         NUM_CLASSES, NUM_PREDICATES, GEOMETRY_DIM, PAIR_GEOMETRY_DIM, VISUAL_DIM if visual else 0
@@ -39,7 +44,7 @@ def test_forward_shapes_and_gradients(name, mode, visual):
     torch.manual_seed(0)
     data = scenes(visual)
     prior = frequency_prior(data, NUM_CLASSES, NUM_PREDICATES)
-    model = build_model(name, spec(visual), prior, hidden_dim=16)
+    model = build_model(name, spec(visual), prior, hidden_dim=16, **with_table(name))
     batch = collate(data)
     assert batch.pairs.shape == (0 + 2 + 72 + 12, 2)
     out = model(batch, mode)
@@ -71,8 +76,9 @@ def test_sgcls_does_not_read_ground_truth_labels(name):
 def test_prior_sets_weights_not_shapes(name):
     """Clients with different statistics build models with identical parameter shapes."""
     data = scenes(False)
-    with_prior = build_model(name, spec(False), frequency_prior(data, NUM_CLASSES, NUM_PREDICATES))
-    without = build_model(name, spec(False))
+    prior = frequency_prior(data, NUM_CLASSES, NUM_PREDICATES)
+    with_prior = build_model(name, spec(False), prior, **with_table(name))
+    without = build_model(name, spec(False), **with_table(name))
     shapes = {k: v.shape for k, v in without.state_dict().items()}
     assert {k: v.shape for k, v in with_prior.state_dict().items()} == shapes
 

@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedpsg.app.config import WEIGHT, client_config, seed_everything
-from fedpsg.app.task import Task, load_task
+from fedpsg.app.task import STATISTICS, Statistics, Task, load_task
 from strategies import client_half
 from strategies.server import to_numpy, to_record
 
@@ -43,6 +43,22 @@ def query(msg: Message, context: Context) -> Message:
     pid, num = _partition_of(context)
     record = ConfigRecord({"partition-id": pid, "num-partitions": num})
     return Message(RecordDict({"partition": record}), reply_to=msg)
+
+
+@app.query(STATISTICS)
+def statistics(msg: Message, context: Context) -> Message:
+    """This node's part of the statistics round: `task.statistics` on its partition."""
+    pid, num = _partition_of(context)
+    config = dict(_data_config(context))
+    try:
+        data = _partition(str(config["task"]), _data_config(context), pid, num)
+        task = _task(str(config["task"]))
+        if not isinstance(task, Statistics):
+            raise ValueError(f"task {config['task']!r} has no statistics")
+        arrays = task.statistics(data, config)
+    except (ValueError, OSError) as exc:
+        return _error_reply(msg, pid, exc)
+    return Message(RecordDict({STATISTICS: to_record(arrays)}), reply_to=msg)
 
 
 @app.train()

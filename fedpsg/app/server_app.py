@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpsg.app.config import output_dir, seed_everything, strategy_kwargs
 from fedpsg.app.outputs import RunRecorder, write_comparison
-from fedpsg.app.task import Task, load_task
+from fedpsg.app.task import STATISTICS, Statistics, Task, load_task, sum_statistics
 from strategies import server_options, server_strategy
 
 PARTITION = "partition"  # ConfigRecord key of the QUERY reply
@@ -58,21 +58,30 @@ def main(grid: Grid, context: Context) -> None:
     partitions = discover_partitions(grid, timeout=float(config.get("connect-timeout", 300)))
     log(INFO, "[fedpsg] %d nodes hold partitions 0..%d", len(partitions), len(partitions) - 1)
     grid = PartitionGrid(grid, partitions)
+    statistics = collect_statistics(grid, task, config)
     for name in names:
         run_dir = out_dir / name if len(names) > 1 else out_dir
-        run_strategy(grid, task, test_data, {**config, "strategy": name}, run_dir)
+        run_strategy(grid, task, test_data, {**config, "strategy": name}, run_dir, statistics)
     if len(names) > 1:
         write_comparison(out_dir, names)
     log(INFO, "[fedpsg] outputs written to %s", out_dir)
 
 
 def run_strategy(
-    grid: PartitionGrid, task: Task, test_data: Any, config: dict[str, Any], out_dir: Path
+    grid: PartitionGrid,
+    task: Task,
+    test_data: Any,
+    config: dict[str, Any],
+    out_dir: Path,
+    statistics: dict[str, Any] | None = None,
 ) -> None:
-    """One federated training run of `config["strategy"]`, recorded in `out_dir`."""
+    """One federated training run of `config["strategy"]`, recorded in `out_dir`, from a
+    model set from the statistics round's sum where the task has one."""
     seed = int(config["seed"])
     seed_everything(seed)
     model = task.build_model(config)
+    if isinstance(task, Statistics):
+        task.apply_statistics(model, statistics or {}, config)
     recorder = RunRecorder(out_dir, config, resume=bool(config.get("resume", False)))
     log(INFO, "[fedpsg] %s: outputs in %s", config["strategy"], out_dir)
 
@@ -102,6 +111,30 @@ def run_strategy(
     )
     final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
     recorder.finish(final.to_torch_state_dict())
+
+
+def collect_statistics(
+    grid: PartitionGrid, task: Task, config: dict[str, Any]
+) -> dict[str, Any]:
+    """The statistics round, before round 1: every partition's `task.statistics`, summed
+    exactly (`sum_statistics`). Nothing (and no round) for a task without statistics or
+    a run config that wants none. A client's error fails the run: a sum without one
+    client's part would be a wrong prior."""
+    if not isinstance(task, Statistics) or not task.wants_statistics(config):
+        return {}
+    action = f"{MessageType.QUERY}.{STATISTICS}"
+    messages = [
+        Message(RecordDict(), dst_node_id=n, message_type=action) for n in grid.get_node_ids()
+    ]
+    parts = []
+    timeout = float(config.get("connect-timeout", 300))
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"statistics round: {reply.error.reason}")
+        record = reply.content.array_records.get(STATISTICS, ArrayRecord())
+        parts.append({key: array.numpy() for key, array in record.items()})
+    grid.take_results()  # not a training round: keep it out of round 0's record
+    return sum_statistics(parts)
 
 
 def discover_partitions(grid: Grid, timeout: float) -> dict[int, int]:

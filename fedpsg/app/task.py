@@ -2,19 +2,23 @@
 
 The ServerApp and ClientApp look a task up by the run-config key `task` and call only these
 methods, so the PSG task and the diffusion task are interchangeable under every strategy.
+A task may also implement `Statistics`: the ServerApp then runs a statistics round before
+round 1 and starts every strategy's model from the clients' summed statistics.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 from torch import nn
 
 from strategies.base import ArrayDict, ClientHalf
 
 RunConfig = Mapping[str, bool | int | float | str]
+STATISTICS = "statistics"  # the statistics round: QUERY action and reply record name
 
 
 class Task(Protocol):
@@ -44,6 +48,37 @@ class Task(Protocol):
         self, model: nn.Module, data: Any, config: RunConfig
     ) -> tuple[int, dict[str, float]]:
         """Evaluate `model` on `data`; returns (num examples, metrics)."""
+
+
+@runtime_checkable
+class Statistics(Protocol):
+    """Optional task surface: statistics summed over every client before round 1 (the PSG
+    frequency prior). The sum is all the server sees of them (see `sum_statistics`)."""
+
+    def wants_statistics(self, config: RunConfig) -> bool:
+        """Whether this run config needs the round (checked before anything is sent)."""
+
+    def statistics(self, data: Any, config: RunConfig) -> dict[str, np.ndarray]:
+        """This client's summand (named arrays; empty when the run config asks for none)."""
+
+    def apply_statistics(
+        self, model: nn.Module, statistics: Mapping[str, np.ndarray], config: RunConfig
+    ) -> None:
+        """Set `model` (freshly built) from the sum over all clients."""
+
+
+def sum_statistics(parts: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Key-wise sum of the clients' statistics in float64, exact for counts below 2**53."""
+    total: dict[str, np.ndarray] = {}
+    for part in parts:
+        for key, value in part.items():
+            value = np.asarray(value, dtype=np.float64)
+            if key in total and total[key].shape != value.shape:
+                raise ValueError(
+                    f"statistics {key!r}: shapes {total[key].shape} and {value.shape} differ"
+                )
+            total[key] = total[key] + value if key in total else value.copy()
+    return total
 
 
 TASKS = {

@@ -2,8 +2,10 @@
 
 Every table of federated results gets this row, as FL-PSG's do. The run config is the
 federated one (`benchmark-dir`, `model`, `mode`, `lr`, `momentum`, `batch-size`, `seed`,
-`features`, `model-*`); the frequency table starts from the prior counted on the pooled
-training data (the server may see it here: there is no federation to protect). Training uses
+`features`, `model-*`) and `frequency-prior`: `pooled` (the default) starts the frequency table
+at the prior counted on the pooled training data, the like-for-like row of a federation's
+`federated` (whose summed client counts are the same table); `none` starts it at zero, as a
+federation's `none` does. Training uses
 the FedAvg client half (plain SGD), so only the data's location differs from a federated run.
 
 Budget: a round in which `k` of `n` clients run `E` local epochs passes over `k / n * E` of the
@@ -30,6 +32,7 @@ from fedpsg.psg.task import (
     load_scenes,
     model_hparams,
     model_spec,
+    prior_mode,
     uses_visual,
 )
 from fedpsg.psg.train import evaluate, frequency_prior, train
@@ -71,12 +74,20 @@ def run_centralized(
     test = load_scenes(benchmark, None, visual)
     mode, seed = str(config.get("mode", "predcls")), int(config.get("seed", 0))
     batch_size = int(config.get("batch-size", 16))
-    prior = frequency_prior(scenes, spec.num_classes, spec.num_predicates)
+    prior = None
+    if prior_mode({"frequency-prior": "pooled", **config}, ("none", "pooled")) == "pooled":
+        prior = frequency_prior(scenes, spec.num_classes, spec.num_predicates)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(
-            str(config.get("model", "motifs")), spec, prior, **model_hparams(config)
-        )
+        model = build_model(str(config.get("model", "motifs")), spec, **model_hparams(config))
+    if prior is not None:
+        try:
+            model.set_prior(prior)
+        except ValueError as exc:
+            raise ValueError(
+                f"frequency-prior='pooled': {exc} (IMP takes model-use-bias = true; "
+                "or frequency-prior = 'none')"
+            ) from None
     half = ClientHalf(
         float(config.get("lr", 0.03)),
         momentum=float(config.get("momentum", 0.0)),

@@ -3,12 +3,16 @@
 Run-config keys read here (kebab-case, as Flower's): `benchmark-dir` (absolute path),
 `model` ("motifs"), `mode` ("predcls" | "sgcls"), `features` ("auto" | "geometry" | "visual";
 auto = visual features when the benchmark has pixels), `batch-size`, `local-epochs`, `seed`,
-optional `server-round` (varies the shuffle per round), `device`, and model hyper-parameters
-as `model-<name>` (e.g. `model-hidden-dim = 64` becomes `hidden_dim=64`).
+optional `server-round` (varies the shuffle per round), `device`, `frequency-prior`, and model
+hyper-parameters as `model-<name>` (e.g. `model-hidden-dim = 64` becomes `hidden_dim=64`).
 
-Federated models start from a uniform frequency table: a prior counted on pooled training data
-would leak every client's statistics to the server, so the federation learns the table like
-any other weight (the centralized baseline counts it on the pooled data instead).
+`frequency-prior` says where a model's (subject, object) frequency table starts:
+- `none`: at zero (uniform); the federation learns it by SGD like any other weight, which is
+  FL-PSG's setting (its released configs switch the bias off);
+- `federated`: at the smoothed log-frequency of the summed client counts. Before round 1 the
+  ServerApp asks every client for `statistics` (its [C, C, P + 1] predicate-pair counts), sums
+  them and hands the sum to `apply_statistics`: exactly the table the centralized baseline
+  counts on the pooled data (`pooled` there).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,20 +35,35 @@ from fedpsg.psg.data import (
     VisualFeaturizer,
     scenes_from_rows,
 )
+from fedpsg.psg.default_benchmark import default_benchmark
 from fedpsg.psg.models import ModelSpec, build_model
-from fedpsg.psg.train import evaluate, train
+from fedpsg.psg.train import evaluate, log_prior, pair_counts, train
 from strategies.base import ArrayDict, ClientHalf
 
 RunConfig = Mapping[str, bool | int | float | str]  # as the Flower app passes it
 
 FEATURES = ("auto", "geometry", "visual")
+FREQUENCY_PRIORS = ("none", "federated")
+PAIR_COUNTS = "pair-counts"  # the statistics round's array
 _MODEL_PREFIX = "model-"
 
 
+def prior_mode(config: RunConfig, allowed: tuple[str, ...] = FREQUENCY_PRIORS) -> str:
+    """`config["frequency-prior"]` (default `none`), checked against `allowed`."""
+    mode = str(config.get("frequency-prior", "none"))
+    if mode not in allowed:
+        raise ValueError(f"frequency-prior must be one of {list(allowed)}, got {mode!r}")
+    return mode
+
+
 def benchmark_from_config(config: RunConfig) -> Benchmark:
-    """Open `config["benchmark-dir"]` (shards are verified when read, not all up front)."""
+    """Open `config["benchmark-dir"]` (shards are verified when read, not all up front).
+    An empty one means the embedded default, sized to the federation's `num-partitions`
+    (node config, or what the ServerApp counted)."""
     if "benchmark-dir" not in config:
         raise ValueError("run config has no 'benchmark-dir' (absolute path of a benchmark folder)")
+    if config["benchmark-dir"] == "" and "num-partitions" in config:
+        return open_benchmark(default_benchmark(int(config["num-partitions"])), verify=False)
     root = Path(str(config["benchmark-dir"]))
     if not root.is_absolute():
         raise ValueError(f"benchmark-dir must be an absolute path, got {str(root)!r}")
@@ -131,7 +151,10 @@ class PSGTask:
         if num_partitions != benchmark.num_clients:
             raise BenchmarkError(
                 f"{benchmark.root / 'manifest.json'}: the benchmark has {benchmark.num_clients}"
-                f" clients but the federation has {num_partitions} partitions"
+                f" clients but the federation has {num_partitions} partitions; run it on"
+                f' {benchmark.num_clients} nodes (flwr run --federation-config'
+                f' "num-supernodes={benchmark.num_clients}", or options.num-supernodes ='
+                f" {benchmark.num_clients} in the connection of $FLWR_HOME/config.toml)"
             )
         return load_scenes(benchmark, int(partition_id), uses_visual(benchmark, config))
 
@@ -178,3 +201,31 @@ class PSGTask:
             device=_device(config),
         )
         return len(data), metrics
+
+    def wants_statistics(self, config: RunConfig) -> bool:
+        """The statistics round runs for `frequency-prior = federated` only."""
+        return prior_mode(config) == "federated"
+
+    def statistics(self, data: Any, config: RunConfig) -> dict[str, np.ndarray]:
+        """This client's predicate counts per class pair, when `frequency-prior = federated`
+        (nothing otherwise): the summand of the statistics round."""
+        if prior_mode(config) == "none":
+            return {}
+        benchmark = benchmark_from_config(config)
+        counts = pair_counts(data, len(benchmark.classes), len(benchmark.predicate_classes))
+        return {PAIR_COUNTS: counts.numpy()}
+
+    def apply_statistics(
+        self, model: nn.Module, statistics: Mapping[str, np.ndarray], config: RunConfig
+    ) -> None:
+        """Start the frequency table at the prior of the summed counts."""
+        if prior_mode(config) == "none":
+            return
+        try:
+            model.set_prior(log_prior(torch.from_numpy(statistics[PAIR_COUNTS])))
+        except KeyError:
+            raise ValueError("frequency-prior='federated' but no client sent counts") from None
+        except ValueError as exc:
+            raise ValueError(
+                f"frequency-prior='federated': {exc} (IMP takes model-use-bias = true)"
+            ) from None

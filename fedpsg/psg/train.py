@@ -19,14 +19,12 @@ from fedpsg.psg.recall import RecallAccumulator
 from strategies.base import ArrayDict, ClientHalf, train_local
 
 
-def frequency_prior(
-    scenes: Sequence[Scene], num_classes: int, num_predicates: int, strength: float = 1.0
-) -> torch.Tensor:
-    """[C, C, P + 1] log-frequency of predicates per (subject, object) class pair.
+def pair_counts(scenes: Sequence[Scene], num_classes: int, num_predicates: int) -> torch.Tensor:
+    """[C, C, P + 1] float64 counts of predicates per (subject, object) class pair.
 
-    Column 0 counts ordered pairs without any relation (background). Counts are smoothed
-    towards the pooled predicate distribution with `strength` pseudo-pairs, so a class pair
-    never seen falls back to the global distribution (mostly background), not to uniform.
+    Column 0 counts ordered pairs without any relation (background). Counts add up exactly
+    (integers in float64), so the sum of the clients' tables is the pooled table: what the
+    federated statistics round relies on.
     """
     counts = torch.zeros(num_classes, num_classes, num_predicates + 1, dtype=torch.float64)
     for scene in scenes:
@@ -49,10 +47,28 @@ def frequency_prior(
             torch.ones(len(subject), dtype=torch.float64),
             accumulate=True,
         )
+    return counts
+
+
+def log_prior(counts: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """The smoothed [C, C, P + 1] log-frequency table of `pair_counts`.
+
+    Counts are smoothed towards the pooled predicate distribution with `strength` pseudo-pairs,
+    so a class pair never seen falls back to the global distribution (mostly background), not
+    to uniform.
+    """
+    counts = counts.to(torch.float64)
     pooled = counts.sum(dim=(0, 1))
     pooled = (pooled + 1.0) / (pooled + 1.0).sum()
     smoothed = counts + strength * pooled
     return (smoothed / smoothed.sum(dim=2, keepdim=True)).log().float()
+
+
+def frequency_prior(
+    scenes: Sequence[Scene], num_classes: int, num_predicates: int, strength: float = 1.0
+) -> torch.Tensor:
+    """[C, C, P + 1] log-frequency of predicates per class pair, counted on `scenes`."""
+    return log_prior(pair_counts(scenes, num_classes, num_predicates), strength)
 
 
 class SceneLoader:
@@ -159,10 +175,11 @@ def evaluate(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """R@K and mR@K (K = 20, 50, 100) and the mean relation loss of `model` on `scenes`."""
+    """R@K, mR@K, mR-present@K (K = 20, 50, 100) and the mean relation loss of `model` on
+    `scenes`."""
     was_training = model.training
     model.eval()
-    recall, loss_fn = RecallAccumulator(), RelationLoss(mode)
+    recall, loss_fn = RecallAccumulator(model.spec.num_predicates), RelationLoss(mode)
     total, count = 0.0, 0
     for batch in SceneLoader(scenes, batch_size, shuffle=False, device=device):
         output = model(batch, mode)

@@ -69,6 +69,23 @@ class RelationModel(nn.Module):
             )
         self.spec = spec
 
+    @property
+    def frequency_bias(self) -> FrequencyBias | None:
+        """The model's (subject, object) frequency table; None for a model without one."""
+        return next((m for m in self.modules() if isinstance(m, FrequencyBias)), None)
+
+    def set_prior(self, freq_prior: torch.Tensor) -> None:
+        """Load a [C, C, P + 1] log-frequency prior into the frequency table: how a prior
+        that arrives after the model is built (the federated statistics round) gets in."""
+        bias = self.frequency_bias
+        if bias is None:
+            raise ValueError(f"{type(self).__name__} has no frequency table to load a prior into")
+        if tuple(freq_prior.shape) != prior_shape(self.spec):
+            raise ValueError(
+                f"freq_prior has shape {tuple(freq_prior.shape)}, expected {prior_shape(self.spec)}"
+            )
+        bias.load(freq_prior)
+
     def object_loss(self, object_logits: torch.Tensor, batch: SceneBatch) -> torch.Tensor:
         """The SGCls object term of the training loss (cross-entropy unless a model overrides
         it, as GPS-Net's node-priority-sensitive loss does)."""
@@ -156,10 +173,15 @@ class FrequencyBias(nn.Module):
         self.num_classes = num_classes
         self.table = nn.Embedding(num_classes * num_classes, width)
         with torch.no_grad():
-            if freq_prior is None:
-                self.table.weight.zero_()
-            else:
-                self.table.weight.copy_(freq_prior.reshape(-1, width))
+            self.table.weight.zero_()
+        if freq_prior is not None:
+            self.load(freq_prior)
+
+    @torch.no_grad()
+    def load(self, freq_prior: torch.Tensor) -> None:
+        """Overwrite the table with a [C, C, P + 1] log-frequency prior."""
+        weight = self.table.weight
+        weight.copy_(freq_prior.reshape(weight.shape).to(weight.device, weight.dtype))
 
     def forward(self, subject_labels: torch.Tensor, object_labels: torch.Tensor) -> torch.Tensor:
         return self.table(subject_labels * self.num_classes + object_labels)

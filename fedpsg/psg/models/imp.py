@@ -7,12 +7,14 @@ from torch import nn
 
 from fedpsg.psg.data import SceneBatch
 from fedpsg.psg.models.base import (
+    FrequencyBias,
     LabelEmbedding,
     ModelSpec,
     ObjectEncoder,
     RelationModel,
     RelationOutput,
     check_mode,
+    pair_labels,
     pair_mlp,
     register,
 )
@@ -34,6 +36,10 @@ class IMP(RelationModel):
     without pixels), nodes from segment geometry/appearance plus the class embedding (given
     labels in PredCls, the embedding of the encoder's guess in SGCls). Messages are averaged
     over a node's edges, so their scale does not grow with the number of segments.
+
+    `use_bias` adds the (subject, object) frequency table to the predicate logits, as
+    OpenPSG's IMP head allows (`use_bias`, off by default there and here, as in the paper);
+    a prior needs it on.
     """
 
     def __init__(
@@ -43,9 +49,12 @@ class IMP(RelationModel):
         hidden_dim: int = 64,
         embed_dim: int = 32,
         iterations: int = 2,
+        use_bias: bool = False,
         **hparams: object,
     ) -> None:
         super().__init__(spec, freq_prior, **hparams)
+        if freq_prior is not None and not use_bias:
+            raise ValueError("imp: a frequency prior needs the bias on (use_bias=True)")
         self.iterations = iterations
         self.objects = ObjectEncoder(spec, hidden_dim)
         self.embed = LabelEmbedding(spec.num_classes, embed_dim)
@@ -57,6 +66,7 @@ class IMP(RelationModel):
         self.gates = nn.ModuleList(nn.Linear(2 * hidden_dim, 1) for _ in range(4))
         self.classify = nn.Linear(hidden_dim, spec.num_classes)
         self.predicate = nn.Linear(hidden_dim, spec.num_predicates + 1)
+        self.bias = FrequencyBias(spec, freq_prior) if use_bias else None
 
     def _gated(self, gate: int, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.gates[gate](torch.cat([target, source], dim=1))) * source
@@ -75,4 +85,8 @@ class IMP(RelationModel):
             edge_message = self._gated(2, edge, node[subject]) + self._gated(3, edge, node[obj])
             node, edge = self.node_gru(node_message, node), self.edge_gru(edge_message, edge)
         logits = self.classify(node) if mode == "sgcls" else None
-        return RelationOutput(self.predicate(edge), self.object_output(batch, logits, mode))
+        objects = self.object_output(batch, logits, mode)
+        predicates = self.predicate(edge)
+        if self.bias is not None:
+            predicates = predicates + self.bias(*pair_labels(batch, objects, mode))
+        return RelationOutput(predicates, objects)
