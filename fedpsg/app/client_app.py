@@ -7,12 +7,16 @@ researcher who starts the run does not). Data that cannot be read becomes an
 error reply naming the partition and the problem; the server logs it and the round goes on
 with the other clients. Extra ArrayRecords of the train message (e.g. SCAFFOLD's control
 variate) reach the algorithm's client half, the arrays it returns travel back under their
-keys, and its state lives in `context.state` across rounds.
+keys, and its state lives in `context.state` across rounds; with checkpoints on, also in
+round-versioned state files (`strategies.state`), so a resumed run trains from the same
+state: under the server's checkpoint folder, or under the node's own `state-dir` (node
+config) where the node keeps its files.
 """
 
 from __future__ import annotations
 
 from functools import cache, lru_cache
+from pathlib import Path
 from typing import Any
 
 from flwr.app import (
@@ -30,7 +34,8 @@ from flwr.common.constant import ErrorCode
 from fedpsg.app.config import WEIGHT, client_config, seed_everything
 from fedpsg.app.task import STATISTICS, Statistics, Task, load_task
 from strategies import client_half
-from strategies.server import to_numpy, to_record
+from strategies.server import STATE_DIR, STATE_ID, to_numpy, to_record
+from strategies.state import ClientStateStore
 
 ARRAYS = "arrays"  # the model's ArrayRecord, as Flower's strategies name it
 
@@ -82,8 +87,19 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=float(config.get("weight-decay", 0.0)),
     )
     incoming = {k: to_numpy(r) for k, r in msg.content.array_records.items() if k != ARRAYS}
-    state = {k: to_numpy(r) for k, r in context.state.array_records.items()}
+    store = _state_store(msg.content.config_records["config"], context, pid)
+    server_round = int(config["server-round"])
+    try:
+        state = (
+            {k: to_numpy(r) for k, r in context.state.array_records.items()}
+            if store is None
+            else store.load(server_round)
+        )
+    except (ValueError, OSError) as exc:
+        return _error_reply(msg, pid, exc)
     num_examples, metrics, outgoing = task.train(model, data, half, config, incoming, state)
+    if store is not None:
+        store.save(server_round, state)
     for key, arrays in state.items():
         context.state[key] = to_record(arrays)
     content = RecordDict(
@@ -111,6 +127,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     num_examples, metrics = task.evaluate(model, data, config)
     record = MetricRecord({**_floats(metrics), WEIGHT: int(num_examples)})
     return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
+def _state_store(
+    config: ConfigRecord, context: Context, partition_id: int
+) -> ClientStateStore | None:
+    """This run's state files, when the server checkpoints (it then names the run); in the
+    node's own `state-dir` if its node config has one, else where the server said."""
+    if STATE_ID not in config:
+        return None
+    root = context.node_config.get(STATE_DIR, config[STATE_DIR])
+    return ClientStateStore(Path(str(root)) / str(config[STATE_ID]), partition_id)
 
 
 def _partition_of(context: Context) -> tuple[int, int]:

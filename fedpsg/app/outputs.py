@@ -3,8 +3,10 @@ its curves: metrics (CSV/JSON), per-client metrics, a final table, plots, the fi
 
 Layout of `<out-dir>`:
     run_config.json      the run config the ServerApp saw
-    metrics.json         per round: server metrics, aggregated train metrics, per-client results
-    metrics.csv          one row per round (server/<metric>, train/<metric>, clients, failures)
+    metrics.json         per round: server metrics, aggregated train metrics, per-client results,
+                         the partitions sampled per stage ("sampled": {"train": [...]})
+    metrics.csv          one row per round (server/<metric>, train/<metric>, clients, failures,
+                         sampled-train: the sampled partition ids, space-separated)
     client_metrics.csv   one row per (round, client, stage)
     summary.md           final table: round 0, last round, best round of every server metric
     plots/server_metrics.png, plots/client_metrics.png
@@ -13,6 +15,7 @@ Layout of `<out-dir>`:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -59,11 +62,13 @@ class RunRecorder:
         server_round: int,
         server: Mapping[str, float],
         clients: Sequence[Mapping[str, Any]] = (),
+        sampled: Mapping[str, Sequence[int]] | None = None,
     ) -> str:
         """Add one round and rewrite the metric files; returns a one-line progress summary.
 
         `clients` holds one entry per reply: `partition-id`, `stage` (train/evaluate) and
-        either its metrics (with `num-examples`) or an `error`.
+        either its metrics (with `num-examples`) or an `error`; `sampled` the partitions
+        the server sent work to, per stage.
         """
         ok = [c for c in clients if "error" not in c]
         row = {
@@ -73,6 +78,7 @@ class RunRecorder:
             "train": _weighted_mean([c for c in ok if c["stage"] == "train"]),
             "evaluate": _weighted_mean([c for c in ok if c["stage"] == "evaluate"]),
             "clients": [dict(c) for c in clients],
+            "sampled": {stage: list(ids) for stage, ids in (sampled or {}).items()},
         }
         self.rounds = [r for r in self.rounds if r["round"] < server_round] + [row]
         self._write_metrics()
@@ -133,6 +139,7 @@ class RunRecorder:
                 **{f"evaluate/{k}": v for k, v in r["evaluate"].items()},
                 "clients": sum("error" not in c for c in r["clients"]),
                 "failures": sum("error" in c for c in r["clients"]),
+                "sampled-train": " ".join(map(str, r.get("sampled", {}).get("train", []))),
             }
             for r in self.rounds
         ]
@@ -223,6 +230,17 @@ def _client_table(clients: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# One style per K in a panel: R@50 equal to R@100 (common once recall saturates) would hide
+# under it with one marker and one line style; a big hollow marker under a smaller filled
+# one and a dashed line over a solid one stay visible.
+SERIES_STYLES = (
+    {"marker": "o", "markersize": 9, "markerfacecolor": "none", "linestyle": "-"},
+    {"marker": "s", "markersize": 6, "linestyle": "--"},
+    {"marker": "^", "markersize": 4, "linestyle": ":"},
+    {"marker": "x", "markersize": 7, "linestyle": "-."},
+)
+
+
 def plot_server_metrics(rounds: Sequence[Mapping[str, Any]], path: Path) -> None:
     """One panel per metric family (`R@K`, `mR@K`, ... grouped by the text before `@`),
     one line per K, against the round."""
@@ -233,8 +251,8 @@ def plot_server_metrics(rounds: Sequence[Mapping[str, Any]], path: Path) -> None
         families.setdefault(name.split("@")[0], []).append(name)
     fig, axes = plt.subplots(1, max(len(families), 1), figsize=(4.5 * max(len(families), 1), 3.5))
     for ax, (family, names) in zip(_flat(axes), families.items(), strict=False):
-        for name in names:
-            ax.plot(frame.index, frame[name], marker="o", label=name)
+        for name, style in zip(names, itertools.cycle(SERIES_STYLES), strict=False):
+            ax.plot(frame.index, frame[name], label=name, **style)
         ax.set(title=family, xlabel="round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

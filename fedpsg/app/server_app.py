@@ -1,18 +1,18 @@
 """The ServerApp: any registered task under any registered strategy, picked by run config.
 
 Before the first round the server asks every node for its partition id (a QUERY message)
-and waits until the whole federation is connected; the Grid it hands the strategy lists
-nodes in partition order. With Python's `random` seeded by the run seed, the strategy's
-client sampling then picks the same partitions in a Ray simulation and in a multi-process
-deployment, whatever node ids the SuperLink assigned.
+and waits until the whole federation is connected; the Grid it hands the strategy names
+each node by its partition. The strategy samples clients over partition ids with a generator
+seeded by (run seed, round) alone, so a Ray simulation, the in-process engine, a
+multi-process deployment and a resumed run pick the same partitions in every round,
+whatever node ids were assigned. Each round's sample is recorded in `metrics.json`.
 """
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Iterable
-from logging import INFO
+from collections.abc import Iterable, Mapping
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from fedpsg.app.config import output_dir, seed_everything, strategy_kwargs
 from fedpsg.app.outputs import RunRecorder, write_comparison
 from fedpsg.app.task import STATISTICS, Statistics, Task, load_task, sum_statistics
 from strategies import server_options, server_strategy
+from strategies.server import CHECKPOINT_NAME, CheckpointError, resumable_round
 
 PARTITION = "partition"  # ConfigRecord key of the QUERY reply
 
@@ -53,18 +54,42 @@ def main(grid: Grid, context: Context) -> None:
     names = [name.strip() for name in str(config["strategy"]).split(",")]
     if len(set(names)) != len(names):
         raise ValueError(f"run config strategy lists an algorithm twice: {config['strategy']!r}")
+    dirs = run_dirs(config, out_dir)
+    try:
+        check_resume(config, dirs)
+    except CheckpointError as exc:
+        log(ERROR, "[fedpsg] %s", exc)
+        raise
     task = load_task(str(config["task"]))
     test_data = task.load_test(config)
     partitions = discover_partitions(grid, timeout=float(config.get("connect-timeout", 300)))
     log(INFO, "[fedpsg] %d nodes hold partitions 0..%d", len(partitions), len(partitions) - 1)
     grid = PartitionGrid(grid, partitions)
     statistics = collect_statistics(grid, task, config)
-    for name in names:
-        run_dir = out_dir / name if len(names) > 1 else out_dir
+    for name, run_dir in dirs.items():
         run_strategy(grid, task, test_data, {**config, "strategy": name}, run_dir, statistics)
-    if len(names) > 1:
-        write_comparison(out_dir, names)
+    if len(dirs) > 1:
+        write_comparison(out_dir, list(dirs))
     log(INFO, "[fedpsg] outputs written to %s", out_dir)
+
+
+def run_dirs(config: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Strategy name -> its output folder: `out_dir`, or `out_dir/<name>` for several."""
+    names = [name.strip() for name in str(config["strategy"]).split(",")]
+    return {name: out_dir / name if len(names) > 1 else out_dir for name in names}
+
+
+def check_resume(config: Mapping[str, Any], dirs: Mapping[str, Path]) -> None:
+    """Before anything runs or is written (also by the launcher, before it starts one): a
+    resume from a damaged checkpoint, or from one already at or past `num-server-rounds`,
+    raises `strategies.server.CheckpointError`, one line naming the file."""
+    if not config.get("resume"):
+        return
+    for run_dir in dirs.values():
+        folder = strategy_kwargs(config, 1, run_dir, {"checkpoint_dir"}).get("checkpoint_dir")
+        path = Path(folder) / CHECKPOINT_NAME if folder else None
+        if path is not None and path.exists():
+            resumable_round(path, int(config["num-server-rounds"]))
 
 
 def run_strategy(
@@ -89,17 +114,16 @@ def run_strategy(
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round % every and server_round != num_rounds:
-            log(INFO, "%s", recorder.record(server_round, {}, grid.take_results()))
+            log(INFO, "%s", recorder.record(server_round, {}, *grid.take_results()))
             return None
         model.load_state_dict(arrays.to_torch_state_dict())
         _, metrics = task.evaluate(model, test_data, config)
-        log(INFO, "%s", recorder.record(server_round, metrics, grid.take_results()))
+        log(INFO, "%s", recorder.record(server_round, metrics, *grid.take_results()))
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     name = str(config["strategy"])
     kwargs = strategy_kwargs(config, len(grid.partitions), out_dir, server_options(name))
-    strategy = server_strategy(name, **kwargs)
-    random.seed(seed)  # the strategy samples clients with `random`
+    strategy = server_strategy(name, **kwargs, seed=seed)  # seeds its client sampling
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -177,13 +201,15 @@ def discover_partitions(grid: Grid, timeout: float) -> dict[int, int]:
 
 
 class PartitionGrid(Grid):
-    """The run's Grid, listing nodes in partition order and keeping each reply's metrics
-    (or error) by partition, for the per-client outputs."""
+    """The run's Grid, naming nodes by partition (a `strategies.server.ClientIdGrid`, so
+    the strategy samples partitions) and keeping each round's sampled partitions and each
+    reply's metrics (or error) by partition, for the outputs."""
 
     def __init__(self, grid: Grid, partitions: dict[int, int]) -> None:
         self.grid = grid
         self.partitions = partitions
         self.results: list[dict[str, Any]] = []
+        self.sampled: dict[str, list[int]] = {}
 
     def set_run(self, run: Any) -> None:
         """Set the run on the wrapped Grid."""
@@ -203,6 +229,10 @@ class PartitionGrid(Grid):
         connected = set(self.grid.get_node_ids())
         return sorted((n for n in self.partitions if n in connected), key=self.partitions.get)
 
+    def client_ids(self) -> dict[int, int]:
+        """Connected node id -> its partition id."""
+        return {node: self.partitions[node] for node in self.get_node_ids()}
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push on the wrapped Grid."""
         return self.grid.push_messages(messages)
@@ -218,6 +248,10 @@ class PartitionGrid(Grid):
         partition order, whatever order they arrived in, so aggregation sums in a fixed order
         and a replay is bit-identical."""
         messages = list(messages)
+        for message in messages:
+            stage = message.metadata.message_type.split(".")[0]
+            partition_id = self.partitions.get(message.metadata.dst_node_id, -1)
+            self.sampled.setdefault(stage, []).append(partition_id)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         # pushing set each message's id; a reply the SuperLink wrote for a lost node comes
         # from the SuperLink, so its partition is that of the node it was sent to
@@ -243,7 +277,12 @@ class PartitionGrid(Grid):
             self.results.append(entry)
         return replies
 
-    def take_results(self) -> list[dict[str, Any]]:
-        """The replies received since the last call, by partition."""
+    def take_results(self) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
+        """Since the last call: the replies by partition, and the partitions sent work per
+        stage (train, evaluate), sorted."""
         results, self.results = self.results, []
-        return sorted(results, key=lambda r: (r["stage"], r["partition-id"]))
+        sampled, self.sampled = self.sampled, {}
+        return (
+            sorted(results, key=lambda r: (r["stage"], r["partition-id"])),
+            {stage: sorted(ids) for stage, ids in sampled.items()},
+        )

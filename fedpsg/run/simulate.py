@@ -248,6 +248,10 @@ def main(
                     err=True, fg=typer.colors.YELLOW)  # fmt: skip
     try:
         supernodes = num_clients(benchmark_dir)
+        if checked["resume"]:  # a resume with nothing to resume fails before anything starts
+            from fedpsg.app.server_app import check_resume, run_dirs
+
+            check_resume(checked, run_dirs(checked, out_dir.resolve()))
     except (OSError, ValueError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
