@@ -321,7 +321,9 @@ def inspect(
     out_console.print(cluster_table(manifest))
     out_console.print(summary_table(manifest))
     out_console.print(
-        f"{benchmark}: all {manifest['num_clients'] + 1} shards verified", highlight=False
+        f"{benchmark}: all {manifest['num_clients'] + 1} shards verified",
+        highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -81,6 +81,25 @@ SHARD_SCHEMA = pa.schema(
 HASH_LENGTH = 64
 
 
+def _leaf_paths(name: str, kind: pa.DataType) -> list[str]:
+    """Parquet column paths of an Arrow field (``segments.list.element.id``, ...)."""
+    if pa.types.is_struct(kind):
+        return [p for child in kind for p in _leaf_paths(f"{name}.{child.name}", child.type)]
+    if pa.types.is_list(kind):
+        return _leaf_paths(f"{name}.list.element", kind.value_type)
+    return [name]
+
+
+# Encoded pixels are unique blobs: no dictionary, and no min/max statistics (which would copy
+# whole images into page headers and the footer, outside any checksum).
+DATA_COLUMNS = [
+    p
+    for f in SHARD_SCHEMA
+    for p in _leaf_paths(f.name, f.type)
+    if p not in {f"{c}.bytes" for c in PIXEL_COLUMNS}
+]
+
+
 class BenchmarkError(ValueError):
     """A benchmark folder is missing, malformed or tampered with; the message names the file."""
 
@@ -186,6 +205,8 @@ def write_shard(
         compression=COMPRESSION,
         compression_level=COMPRESSION_LEVEL,
         row_group_size=4096,
+        use_dictionary=DATA_COLUMNS,
+        write_statistics=DATA_COLUMNS,
         write_page_checksum=True,
     )
     return sha256_file(path)
@@ -600,6 +621,7 @@ def _check_structure(path: Path, m: dict) -> None:
     )  # fmt: skip
     num_predicates = len(classes["predicates"])
     entries = [(f"clients[{i}]", e, client_file(i)) for i, e in enumerate(m["clients"])]
+    per = {"cluster_histogram": "clustering.clusters", "predicate_histogram": "classes.predicates"}
     for field, entry, file in [*entries, ("test", m["test"], TEST_FILE)]:
         need(isinstance(entry, dict), field, "an object", entry)
         need(entry.get("file") == file, f"{field}.file", repr(file), entry.get("file"))
@@ -622,7 +644,9 @@ def _check_structure(path: Path, m: dict) -> None:
                 need(
                     isinstance(hist, list) and len(hist) == length
                     and all(count(v) for v in hist),
-                    f"{field}.{key}", f"{length} non-negative counts", hist,
+                    f"{field}.{key}",
+                    f"{length} non-negative counts (one per {per[key]} entry)",
+                    hist,
                 )  # fmt: skip
     het = m["heterogeneity"]
     need(isinstance(het, dict), "heterogeneity", "an object", het)
