@@ -16,7 +16,7 @@ from fedpsg.psg.centralized import run_centralized
 from fedpsg.psg.data import GEOMETRY_DIM, PAIR_GEOMETRY_DIM, collate
 from fedpsg.psg.models import ModelSpec, build_model
 from fedpsg.psg.task import PAIR_COUNTS, benchmark_from_config, load_scenes, model_spec
-from fedpsg.psg.train import evaluate, frequency_prior, pair_counts
+from fedpsg.psg.train import evaluate, frequency_prior, log_prior, pair_counts
 from fedpsg.run.simulate import simulate_in_process
 from strategies.local_grid import LocalGrid
 
@@ -72,7 +72,7 @@ def statistics_round(cfg: dict) -> dict[str, np.ndarray]:
 
     local = LocalGrid({n: node(c) for n, c in contexts.items()})
     grid = server_app.PartitionGrid(local, {n: n - 1 for n in contexts})
-    return server_app.collect_statistics(grid, load_task("psg"), timeout=10)
+    return server_app.collect_statistics(grid, load_task("psg"), cfg)
 
 
 def test_the_round_sums_to_the_pooled_counts_exactly(benchmark_dir):
@@ -131,16 +131,22 @@ def test_sum_statistics_is_exact_and_checks_shapes():
         sum_statistics([{"a": big}, {"a": np.ones(3)}])
 
 
-def test_bad_prior_modes_and_a_model_without_a_table_are_clear_errors(benchmark_dir):
+def test_bad_prior_modes_are_clear_errors_and_imp_gets_its_table(benchmark_dir):
     task = load_task("psg")
     cfg = config(benchmark_dir, model="imp", **{"frequency-prior": "federated"})
-    counts = {PAIR_COUNTS: np.ones((1, 1, 1))}
     with pytest.raises(ValueError, match="frequency-prior must be one of"):
         task.statistics([], {**cfg, "frequency-prior": "pooled"})
-    with pytest.raises(ValueError, match="use-bias"):
-        task.apply_statistics(task.build_model(cfg), counts, cfg)
     with pytest.raises(ValueError, match=r"none.*pooled"):
         run_centralized({**cfg, "frequency-prior": "federated"}, epochs=0)
+    # IMP's table is optional: off under none (as in the paper), on when a prior is asked for
+    assert task.build_model({**cfg, "frequency-prior": "none"}).frequency_bias is None
+    model = task.build_model(cfg)
+    summed = statistics_round(cfg)
+    task.apply_statistics(model, summed, cfg)
+    expected = log_prior(torch.from_numpy(summed[PAIR_COUNTS]))
+    assert torch.equal(model.frequency_bias.table.weight.reshape(expected.shape), expected)
+    cl = run_centralized({**cfg, "frequency-prior": "pooled"}, epochs=0)
+    assert torch.equal(cl.model.frequency_bias.table.weight.reshape(expected.shape), expected)
 
 
 def test_imp_takes_the_optional_bias():

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fedpsg.psg.models import RelationModel, build_model
+from fedpsg.psg.models.base import with_frequency_table
 from fedpsg.psg.task import (
     benchmark_from_config,
     load_scenes,
@@ -79,15 +80,15 @@ def run_centralized(
         prior = frequency_prior(scenes, spec.num_classes, spec.num_predicates)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(str(config.get("model", "motifs")), spec, **model_hparams(config))
+        name, hparams = str(config.get("model", "motifs")), model_hparams(config)
+        if prior is not None:
+            hparams = with_frequency_table(name, hparams)
+        model = build_model(name, spec, **hparams)
     if prior is not None:
         try:
             model.set_prior(prior)
         except ValueError as exc:
-            raise ValueError(
-                f"frequency-prior='pooled': {exc} (IMP takes model-use-bias = true; "
-                "or frequency-prior = 'none')"
-            ) from None
+            raise ValueError(f"frequency-prior='pooled': {exc}") from None
     half = ClientHalf(
         float(config.get("lr", 0.03)),
         momentum=float(config.get("momentum", 0.0)),

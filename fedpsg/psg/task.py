@@ -37,6 +37,7 @@ from fedpsg.psg.data import (
 )
 from fedpsg.psg.default_benchmark import default_benchmark
 from fedpsg.psg.models import ModelSpec, build_model
+from fedpsg.psg.models.base import with_frequency_table
 from fedpsg.psg.train import evaluate, log_prior, pair_counts, train
 from strategies.base import ArrayDict, ClientHalf
 
@@ -137,12 +138,16 @@ class PSGTask:
     """Scene-graph relation models (PredCls / SGCls) on a federated PSG benchmark."""
 
     def build_model(self, config: RunConfig) -> nn.Module:
-        """A fresh relation model (uniform frequency table), seeded by `config["seed"]`."""
+        """A fresh relation model, seeded by `config["seed"]`; its frequency table starts at
+        zero (`apply_statistics` sets it), and IMP gets one when the prior is `federated`."""
         benchmark = benchmark_from_config(config)
         spec = model_spec(benchmark, uses_visual(benchmark, config))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(config.get("seed", 0)))
-            model = build_model(str(config.get("model", "motifs")), spec, **model_hparams(config))
+            name, hparams = str(config.get("model", "motifs")), model_hparams(config)
+            if prior_mode(config) == "federated":
+                hparams = with_frequency_table(name, hparams)
+            model = build_model(name, spec, **hparams)
         return model.to(_device(config))
 
     def load_partition(self, config: RunConfig, partition_id: int, num_partitions: int) -> Any:
@@ -226,6 +231,4 @@ class PSGTask:
         except KeyError:
             raise ValueError("frequency-prior='federated' but no client sent counts") from None
         except ValueError as exc:
-            raise ValueError(
-                f"frequency-prior='federated': {exc} (IMP takes model-use-bias = true)"
-            ) from None
+            raise ValueError(f"frequency-prior='federated': {exc}") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,11 @@ class RelationModel(nn.Module):
 
     `freq_prior` is a [C, C, P + 1] log-frequency table of predicates per (subject class,
     object class), background included; it may only initialise weights, never change shapes.
+    A model whose table is optional (IMP) says so with `optional_frequency_bias` and takes
+    `use_bias`.
     """
+
+    optional_frequency_bias: ClassVar[bool] = False
 
     def __init__(
         self, spec: ModelSpec, freq_prior: torch.Tensor | None = None, **hparams: object
@@ -209,6 +213,14 @@ def register(name: str) -> Callable[[M], M]:
         return cls
 
     return add
+
+
+def with_frequency_table(name: str, hparams: dict[str, object]) -> dict[str, object]:
+    """`hparams` with the frequency table switched on for a model whose table is optional
+    (a run that asks for a prior gives every model one; an explicit `use_bias` wins)."""
+    if name in MODELS and MODELS[name].optional_frequency_bias:
+        return {"use_bias": True, **hparams}
+    return hparams
 
 
 def build_model(

@@ -39,8 +39,11 @@ class IMP(RelationModel):
 
     `use_bias` adds the (subject, object) frequency table to the predicate logits, as
     OpenPSG's IMP head allows (`use_bias`, off by default there and here, as in the paper);
-    a prior needs it on.
+    a prior needs it on, and a run with a frequency prior switches it on
+    (`with_frequency_table`).
     """
+
+    optional_frequency_bias = True
 
     def __init__(
         self,
