@@ -1,5 +1,6 @@
 """fedpsg-build end to end: synth, build, inspect, FL-PSG round trip; bad input exits cleanly."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -98,3 +99,25 @@ def test_bad_input_exits_nonzero_naming_the_error_and_writes_nothing(
     )  # fmt: skip
     assert result.exit_code == 1 and "categories" in result.stderr
     assert not out.exists()
+
+
+def test_alpha_sweep_points_that_cannot_be_partitioned_are_reported_not_fatal(
+    workspace: Path,
+) -> None:
+    """README's sweep 0.01..100 with 10 clients: alpha 0.01 is infeasible, the build goes on."""
+    out = workspace / "sweep"
+    result = run(
+        "build", "--psg", workspace / "syn" / "psg.json", "--out", out, "--clients", 10,
+        "--clusters", 3, "--alpha", 100, "--cache-dir", cache_dir(workspace), "--quiet",
+        "--alpha-sweep", "0.0001,0.01,0.1,1,10,100",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    with open(out / "plots" / "heterogeneity_vs_alpha.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["alpha"]) for r in rows] == [0.0001, 0.01, 0.1, 1, 10, 100]
+    feasible = {float(r["alpha"]): r["feasible"] == "True" for r in rows}
+    assert not feasible[0.0001] and feasible[100]
+    for row in rows:
+        assert (row["cluster_jsd"] != "") == (row["feasible"] == "True")
+    assert (out / "plots" / "heterogeneity_vs_alpha.png").stat().st_size > 0

@@ -106,12 +106,28 @@ def test_shards_load_with_pyarrow_pandas_and_datasets(built: Path) -> None:
     frame = pd.read_parquet(shard)
     assert len(frame) == table.num_rows > 0
     assert list(frame.columns) == table.column_names
+    assert isinstance(frame["image"][0]["bytes"], bytes)  # datasets.Image()'s {bytes, path}
     hf = datasets.load_dataset("parquet", data_files={"train": str(shard)}, split="train")
     assert len(hf) == table.num_rows
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert isinstance(hf.features["image"], datasets.Image)
+    assert isinstance(hf.features["pan_seg"], datasets.Image)
+    labels = hf.features["cluster"]
+    assert isinstance(labels, datasets.ClassLabel)
+    assert labels.names == [
+        f"{c['id']}: {c['top_triplets'][0]['text']}" for c in manifest["clustering"]["clusters"]
+    ]
     first = hf[0]
     assert first["image_id"] == frame["image_id"][0]
+    assert first["image"].size == (first["width"], first["height"])  # a decoded PIL image
+    assert first["pan_seg"].mode == "RGB"
+    assert labels.int2str(first["cluster"]).startswith(f"{frame['cluster'][0]}: ")
     assert first["relations"][0].keys() == {"subject", "object", "predicate"}
     assert len(first["segments"][0]["bbox"]) == 4
+    # the project's readers get the plain row layout: encoded bytes, as on the source files
+    plain = open_benchmark(built).client_table(0)
+    assert plain.schema.field("image").type == "binary"
+    assert plain["image"][0].as_py() == frame["image"][0]["bytes"]
 
 
 def test_failed_build_leaves_nothing(tmp_path: Path, synthetic_psg: Path) -> None:
