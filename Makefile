@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench images
 
 setup: $(VENV)/.installed
 
@@ -27,3 +27,8 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The compose federation's images without a registry: debootstrap base + host-side wheelhouse
+# (root, docker.io and debootstrap; cached: unchanged inputs are not rebuilt)
+images: setup
+	$(VENV)/bin/fedpsg images

@@ -4,6 +4,7 @@
     fedpsg deploy local --benchmark DIR --nodes 3 [--tls]     (also: deploy register | compose)
     fedpsg centralized BENCHMARK_DIR --out runs/cl --epochs 5
     fedpsg certs OUT_DIR --nodes 3
+    fedpsg images                                             (compose images, no registry)
 
 `-c` takes run config exactly as `flwr run --run-config` does (Flower's own parser).
 """
@@ -15,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from fedpsg.run import certs, deploy, simulate
+from fedpsg.run import certs, deploy, images, simulate
 
 app = typer.Typer(
     add_completion=False,
@@ -26,6 +27,7 @@ app = typer.Typer(
 app.command("simulate")(simulate.main)
 app.add_typer(deploy.cli, name="deploy")
 app.command("certs")(certs.main)
+app.command("images")(images.main)
 
 
 @app.command()
