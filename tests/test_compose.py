@@ -58,8 +58,10 @@ def test_services_and_images_pinned_to_the_installed_flower():
         else:
             assert service["build"]["dockerfile"] == "docker/Dockerfile"
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    assert re.search(rf"^FROM flwr/superexec:{re.escape(FLWR)}$", dockerfile, re.M)
-    assert f"flwr[simulation]=={FLWR}" in dockerfile
+    assert re.search(rf"^ARG BASE_IMAGE=flwr/superexec:{re.escape(FLWR)}$", dockerfile, re.M)
+    # deployment runs no simulation: the app image installs no Ray (issue #15)
+    requirements = (ROOT / "docker" / "requirements" / "app.txt").read_text()
+    assert "flwr[simulation]" not in dockerfile and not re.search(r"^ray\b", requirements, re.M)
     # process isolation: the SuperLink and every SuperNode leave app execution to a SuperExec
     for name in ["superlink", *nodes]:
         assert compose.flag_value(BASE["services"][name]["command"], "--isolation") == "process"
@@ -107,7 +109,7 @@ def test_ports_and_addresses_consistent(doc):
     for name in ports:
         assert compose.flag_value(doc["services"][name]["command"], "--host") == "0.0.0.0"
     published = doc["services"]["superlink"]["ports"]
-    assert published == [f"{ports['superlink']}:{ports['superlink']}"]
+    assert published == [f"${{FEDPSG_SUPERLINK_PORT:-{ports['superlink']}}}:{ports['superlink']}"]
     for name, service in doc["services"].items():
         for host, port in re.findall(r"\b([a-z][\w-]*):(\d+)\b", " ".join(service["command"])):
             assert ports.get(host) == int(port), f"{name}: {host}:{port} listens nowhere"
@@ -143,10 +145,16 @@ def test_tls_overlay_secures_every_link_and_authenticates_every_node():
         assert node["depends_on"]["register-supernodes"]["condition"] == (
             "service_completed_successfully"
         )
-        # each node sees its own private key only
-        for other, service in TLS["services"].items():
-            targets = {compose.volume_target(v) for v in service.get("volumes", [])}
-            assert (key in targets) == (other == name), f"{other} mounts {key}"
+        # each node sees its own private keys only (authentication and TLS)
+        for private in (key, f"{certs}/supernode-{i}-tls.key"):
+            for other, service in TLS["services"].items():
+                targets = {compose.volume_target(v) for v in service.get("volumes", [])}
+                assert (private in targets) == (other == name), f"{other} mounts {private}"
+    # the SuperLink's private key stays with the SuperLink, the CA's with no container
+    mounts = {n: {compose.volume_target(v) for v in s.get("volumes", [])}
+              for n, s in TLS["services"].items()}  # fmt: skip
+    assert [n for n, targets in mounts.items() if f"{certs}/server.key" in targets] == ["superlink"]
+    assert not [n for n, targets in mounts.items() if f"{certs}/ca.key" in targets]
     for name, service in TLS["services"].items():
         if service["image"] == compose.APP_IMAGE and name != "register-supernodes":
             assert compose.flag_value(service["command"], "--root-certificates")

@@ -17,13 +17,16 @@ pytestmark = pytest.mark.slow
 
 def test_certificates_name_every_service_and_loopback(tmp_path):
     certs = make_certificates(tmp_path, 2, extra_names=["node.example.org"])
-    cert = x509.load_pem_x509_certificate((certs / "server.crt").read_bytes())
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    names = set(san.get_values_for_type(x509.DNSName))
-    names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-    assert set(server_names(2)) | {"node.example.org"} == names
     ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
-    cert.verify_directly_issued_by(ca)
+    # one certificate per TLS endpoint: no node needs the SuperLink's private key
+    for stem, service in [("server", "superlink"), ("supernode-1-tls", "supernode-1")]:
+        cert = x509.load_pem_x509_certificate((certs / f"{stem}.crt").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = set(san.get_values_for_type(x509.DNSName))
+        names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+        assert set(server_names(service)) | {"node.example.org"} == names
+        cert.verify_directly_issued_by(ca)
+        assert (certs / f"{stem}.key").stat().st_mode & 0o077 == 0
     assert (certs / "supernode-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     assert (certs / "supernode-1").stat().st_mode & 0o077 == 0
 

@@ -1,13 +1,15 @@
 """Certificates and SuperNode keys for a TLS federation with node authentication.
 
-One private CA signs one server certificate that every TLS endpoint of the federation presents
-(the SuperLink, and each SuperNode's Runtime API that its SuperExec talks to); its SANs name the
-docker-compose services and the loopback addresses, so the same files serve the compose stack and
-the local federation. Each SuperNode gets an EC P-384 key pair in OpenSSH format, the format
-`flower-supernode --auth-supernode-private-key` and `flwr supernode register` read.
+One private CA signs a server certificate for every TLS endpoint of the federation: the
+SuperLink's (`server.crt`), and per SuperNode one for the Runtime API its SuperExec talks to
+(`supernode-<i>-tls.crt`), so no node ever holds the SuperLink's private key. The SANs name the
+docker-compose service and the loopback addresses, so the same files serve the compose stack and
+the local federation. Each SuperNode also gets an EC P-384 key pair in OpenSSH format for node
+authentication, the format `flower-supernode --auth-supernode-private-key` and
+`flwr supernode register` read.
 
-Usage: `fedpsg certs OUT_DIR --nodes 3` writes
-`ca.crt ca.key server.crt server.key supernode-<i> supernode-<i>.pub`.
+Usage: `fedpsg certs OUT_DIR --nodes 3` writes `ca.crt ca.key server.crt server.key` and per node
+`supernode-<i> supernode-<i>.pub supernode-<i>-tls.crt supernode-<i>-tls.key`.
 """
 
 from __future__ import annotations
@@ -29,10 +31,9 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 VALIDITY = dt.timedelta(days=365)
 
 
-def server_names(num_nodes: int) -> list[str]:
-    """SANs for the server certificate: compose service names plus loopback."""
-    services = ["superlink"] + [f"supernode-{i}" for i in range(num_nodes)]
-    return services + list(LOOPBACK_NAMES)
+def server_names(service: str) -> list[str]:
+    """SANs for the certificate of compose service `service`: its name plus loopback."""
+    return [service, *LOOPBACK_NAMES]
 
 
 def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
@@ -140,17 +141,21 @@ def write_node_key(path: Path, comment: str) -> None:
 
 
 def make_certificates(out: Path, num_nodes: int, *, extra_names: Iterable[str] = ()) -> Path:
-    """Write the CA, the server certificate and `num_nodes` SuperNode key pairs into `out`."""
+    """Write the CA, the SuperLink's and each SuperNode's TLS certificate and key, and
+    `num_nodes` SuperNode authentication key pairs into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key, ca_cert = make_ca(now)
-    server_key, server_cert = make_server_cert(
-        ca_key, ca_cert, server_names(num_nodes) + list(extra_names), now
-    )
     _write(out / "ca.key", _pem_key(ca_key), private=True)
     _write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(out / "server.key", _pem_key(server_key), private=True)
-    _write(out / "server.crt", server_cert.public_bytes(serialization.Encoding.PEM))
+    endpoints = {"server": "superlink", **{f"supernode-{i}-tls": f"supernode-{i}" for i in
+                                           range(num_nodes)}}  # fmt: skip
+    for stem, service in endpoints.items():
+        key, cert = make_server_cert(
+            ca_key, ca_cert, server_names(service) + list(extra_names), now
+        )
+        _write(out / f"{stem}.key", _pem_key(key), private=True)
+        _write(out / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM))
     for i in range(num_nodes):
         write_node_key(out / f"supernode-{i}", comment=f"supernode-{i}@fedpsg")
     return out

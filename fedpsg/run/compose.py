@@ -94,7 +94,7 @@ def compose_spec(nodes: int = 3) -> dict[str, Any]:
                 str(SUPERLINK_PORT),
                 "--disable-runtime-dependency-installation",
             ],
-            "ports": [f"{SUPERLINK_PORT}:{SUPERLINK_PORT}"],
+            "ports": [f"${{FEDPSG_SUPERLINK_PORT:-{SUPERLINK_PORT}}}:{SUPERLINK_PORT}"],
         },
         "serverapp": _app_service(
             ["--insecure", "--runtime-api-address", f"superlink:{SUPERLINK_PORT}"],
@@ -125,7 +125,8 @@ def compose_spec(nodes: int = 3) -> dict[str, Any]:
             [benchmark],
             [f"supernode-{i}"],
         )
-    return {"name": "fedpsg", "services": services, "volumes": {"results": {}}}
+    # No top-level `name`: docker-compose 1.x refuses it; the project is `-p` or the folder name
+    return {"services": services, "volumes": {"results": {}}}
 
 
 def tls_overlay(nodes: int = 3) -> dict[str, Any]:
@@ -136,20 +137,17 @@ def tls_overlay(nodes: int = 3) -> dict[str, Any]:
     def mount(*files: str) -> list[str]:
         return [f"{certs}/{f}:{CERTS}/{f}:ro" for f in files]
 
-    server_tls = [
-        "--ssl-ca-certfile",
-        f"{CERTS}/ca.crt",
-        "--ssl-certfile",
-        f"{CERTS}/server.crt",
-        "--ssl-keyfile",
-        f"{CERTS}/server.key",
-    ]
+    def serve_tls(stem: str) -> list[str]:
+        """Flags of a TLS endpoint presenting `<stem>.crt`, a certificate signed by the CA."""
+        return ["--ssl-ca-certfile", f"{CERTS}/ca.crt", "--ssl-certfile", f"{CERTS}/{stem}.crt",
+                "--ssl-keyfile", f"{CERTS}/{stem}.key"]  # fmt: skip
+
     trust = ["--root-certificates", f"{CERTS}/ca.crt"]
     superlink = f"superlink:{SUPERLINK_PORT}"
     services: dict[str, Any] = {
         "superlink": {
             "command": [
-                *server_tls,
+                *serve_tls("server"),
                 "--enable-supernode-auth",
                 "--isolation",
                 "process",
@@ -193,11 +191,14 @@ def tls_overlay(nodes: int = 3) -> dict[str, Any]:
                 "0.0.0.0",
                 "--port",
                 str(RUNTIME_PORT),
-                *server_tls,
+                *serve_tls(f"supernode-{i}-tls"),
                 "--node-config",
                 node_config(i, nodes),
             ],
-            "volumes": mount("ca.crt", "server.crt", "server.key", f"supernode-{i}"),
+            # its own keys and the CA only: never the SuperLink's (or another node's) key
+            "volumes": mount(
+                "ca.crt", f"supernode-{i}", f"supernode-{i}-tls.crt", f"supernode-{i}-tls.key"
+            ),
             "depends_on": {"register-supernodes": {"condition": "service_completed_successfully"}},
         }
         services[f"clientapp-{i}"] = {
