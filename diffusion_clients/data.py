@@ -96,6 +96,7 @@ def load_parquet_set(path: Path, image_size: int, channels: int) -> ImageSet:
             f"{path}: not a shard with image_id, image, cluster columns ({err})"
         ) from err
     ids, blobs = table["image_id"].to_pylist(), table["image"].to_pylist()
+    blobs = [b["bytes"] if isinstance(b, dict) else b for b in blobs]  # datasets.Image layout
     arrays = []
     for row, (image_id, blob) in enumerate(zip(ids, blobs, strict=True)):
         if blob is None:

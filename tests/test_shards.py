@@ -130,6 +130,16 @@ def test_shards_load_with_pyarrow_pandas_and_datasets(built: Path) -> None:
     assert plain["image"][0].as_py() == frame["image"][0]["bytes"]
 
 
+def test_diffusion_reader_takes_builder_shards(built: Path) -> None:
+    """diffusion_clients reads shards itself (no builder import): the Image layout reaches it."""
+    from diffusion_clients.data import load_parquet_set
+
+    shard = built / "clients" / "client_00000.parquet"
+    images = load_parquet_set(shard, 16, 3)
+    assert len(images) == pq.read_metadata(shard).num_rows
+    assert images.images.shape[1:] == (3, 16, 16)
+
+
 def test_failed_build_leaves_nothing(tmp_path: Path, synthetic_psg: Path) -> None:
     broken = tmp_path / "psg.json"
     doc = json.loads(synthetic_psg.read_text())
