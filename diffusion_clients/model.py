@@ -18,8 +18,12 @@ UNET_SIZES: dict[str, tuple[tuple[int, ...], int, int]] = {
 }
 
 
-def build_unet(size: str, image_size: int, channels: int, seed: int = 0) -> UNet2DModel:
-    """A freshly initialised UNet2DModel; attention only in the lowest-resolution block."""
+def build_unet(
+    size: str, image_size: int, channels: int, seed: int = 0, dropout: float = 0.0
+) -> UNet2DModel:
+    """A freshly initialised UNet2DModel; attention only in the lowest-resolution block;
+    `dropout` in every resnet block (ADM's regulariser; no parameters, so the weights of
+    models with and without it are interchangeable)."""
     if size not in UNET_SIZES:
         raise ValueError(f"unknown unet size {size!r}; choose one of {sorted(UNET_SIZES)}")
     widths, layers, groups = UNET_SIZES[size]
@@ -40,4 +44,5 @@ def build_unet(size: str, image_size: int, channels: int, seed: int = 0) -> UNet
             up_block_types=up,
             norm_num_groups=groups,
             attention_head_dim=8,
+            dropout=dropout,
         )

@@ -3,7 +3,8 @@
 Run-config keys (all optional): `data` ("digits" | "folder:/path" | "parquet:/path"),
 `image-size`, `unet` ("tiny" | "small" | "base"), `diffusion-steps`, `batch-size`,
 `local-epochs`, `seed`, `dirichlet-alpha`, `test-fraction`, `device` ("auto" | "cpu" |
-"cuda"), and for FID in `evaluate`: `eval-fid-samples` (0 = off) and `eval-sampling-steps`.
+"cuda"), `dropout`, and for FID in `evaluate`: `eval-fid-samples` (0 = off) and
+`eval-sampling-steps`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "device": "auto",
     "eval-fid-samples": 0,
     "eval-sampling-steps": 20,
+    "dropout": 0.0,
 }
 
 
@@ -95,6 +97,7 @@ class DiffusionTask:
             int(_get(config, "image-size")),
             imgdata.channels_of(spec),
             seed=int(_get(config, "seed")),
+            dropout=float(_get(config, "dropout")),
         )
 
     def _benchmark(self, config: Config) -> Path | None:

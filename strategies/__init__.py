@@ -96,12 +96,14 @@ def client_half(
     lr: float,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    **options: Any,
 ) -> ClientHalf:
-    """The client half matching the train ConfigRecord a server half sent."""
+    """The client half matching the train ConfigRecord a server half sent; `options` choose
+    the local optimizer (`strategies.base.optimizer_options`)."""
     if "algorithm" not in config:
         raise KeyError(
             "train config has no 'algorithm': build the server half with "
             f"strategies.server_strategy (sent keys: {sorted(config)})"
         )
     cls = _load(str(config["algorithm"]), 1)
-    return cls.from_config(config, lr, momentum=momentum, weight_decay=weight_decay)
+    return cls.from_config(config, lr, momentum=momentum, weight_decay=weight_decay, **options)

@@ -1,9 +1,17 @@
 """The client-half contract every algorithm implements, and the one local-training loop.
 
 A task's training code never branches on the algorithm: it builds batches and a loss, and
-`train_local` calls the client half's hooks. The base class is plain local SGD, i.e. FedAvg's
-client half; FedProx adds a loss term, FedSAM replaces the step, SCAFFOLD corrects gradients
-and sends its control variate back. Nothing here imports flwr, so tasks run without Flower.
+`train_local` calls the client half's hooks. The base class is plain local training, i.e.
+FedAvg's client half; FedProx adds a loss term, FedSAM replaces the step, SCAFFOLD corrects
+gradients and sends its control variate back. Nothing here imports flwr, so tasks run without
+Flower.
+
+The local optimizer is SGD (with momentum and weight decay), Adam or AdamW (`optimizer`), the
+same for every algorithm: FedSAM wraps it, FedProx's term and SCAFFOLD's correction reach it
+through the gradient. Its state (momentum buffer, Adam's moments and step count) starts afresh
+every round unless `keep_optimizer_state`: then it is stored in the client's persistent state
+(groups `<optimizer>-<key>`, one array per parameter name) and the next round continues from
+it, so one client over many rounds trains exactly like one uninterrupted optimizer.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import torch
 from torch import nn
 
 ArrayDict = dict[str, np.ndarray]
+#: Local optimizers a client half can use (run config `optimizer`).
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 Closure = Callable[[], torch.Tensor]
 StackedClosure = Callable[[], torch.Tensor]  # returns the (K,) per-client losses
 
@@ -34,25 +44,64 @@ def config_value(
     return value
 
 
+def optimizer_options(config: Mapping[str, bool | int | float | str]) -> dict[str, Any]:
+    """The local-optimizer keyword options of `ClientHalf` from run-config keys `optimizer`,
+    `adam-beta1`, `adam-beta2`, `adam-eps` and `optimizer-state` (defaults where absent)."""
+    state = str(config.get("optimizer-state", "reset"))
+    if state not in ("reset", "keep"):
+        raise ValueError(f"optimizer-state must be 'reset' or 'keep', got {state!r}")
+    return {
+        "optimizer": str(config.get("optimizer", "sgd")),
+        "betas": (float(config.get("adam-beta1", 0.9)), float(config.get("adam-beta2", 0.999))),
+        "eps": float(config.get("adam-eps", 1e-8)),
+        "keep_optimizer_state": state == "keep",
+    }
+
+
 class ClientHalf:
-    """Plain local SGD (FedAvg's client half), and the hooks other algorithms override.
+    """Plain local training (FedAvg's client half), and the hooks other algorithms override.
 
     Parameters
     ----------
     lr : float
         Local learning rate.
     momentum : float
-        SGD momentum.
+        SGD momentum (SGD only).
     weight_decay : float
-        SGD weight decay.
+        Weight decay: an L2 term in the gradient for SGD and Adam, decoupled for AdamW.
+    optimizer : str
+        "sgd", "adam" or "adamw" (torch.optim's).
+    betas, eps : tuple[float, float], float
+        Adam's moment decays and denominator epsilon (Adam and AdamW only).
+    keep_optimizer_state : bool
+        Carry the optimizer state from round to round in the client's state (see the module
+        docstring); False starts each round with a fresh optimizer.
     """
 
     name = "fedavg"
 
-    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        optimizer: str = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        keep_optimizer_state: bool = False,
+    ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if optimizer != "sgd" and momentum:
+            raise ValueError(f"momentum={momentum} is SGD's; {optimizer} uses betas={betas}")
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
+        self.optimizer = optimizer
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = eps
+        self.keep_optimizer_state = keep_optimizer_state
         self.num_steps = 0
 
     @classmethod
@@ -62,9 +111,21 @@ class ClientHalf:
         lr: float,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        **options: Any,
     ) -> ClientHalf:
-        """Build this client half from the train ConfigRecord its server half wrote."""
-        return cls(lr, momentum=momentum, weight_decay=weight_decay)
+        """Build this client half from the train ConfigRecord its server half wrote;
+        `options` are the local optimizer's (`optimizer_options`)."""
+        return cls(lr, momentum=momentum, weight_decay=weight_decay, **options)
+
+    def optimizer_class(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        """The torch optimizer class and its keyword arguments (SAM wraps the same pair)."""
+        if self.optimizer == "sgd":
+            options = {"momentum": self.momentum}
+            cls: type[torch.optim.Optimizer] = torch.optim.SGD
+        else:
+            options = {"betas": self.betas, "eps": self.eps}
+            cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
+        return cls, {"lr": self.lr, "weight_decay": self.weight_decay, **options}
 
     def begin(
         self,
@@ -72,15 +133,69 @@ class ClientHalf:
         incoming: Mapping[str, ArrayDict],
         state: dict[str, ArrayDict],
     ) -> torch.optim.Optimizer:
-        """Start a round: `model` holds the global weights; return the local optimizer.
+        """Start a round: `model` holds the global weights; return the local optimizer
+        (with last round's state when kept).
 
         `incoming` holds the extra ArrayRecords the server sent (e.g. SCAFFOLD's `c`),
         `state` is this client's persistent state (kept by the app across rounds).
         """
         self.num_steps = 0
-        return torch.optim.SGD(
-            model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        cls, options = self.optimizer_class()
+        optimizer = cls([p for p in model.parameters() if p.requires_grad], **options)
+        self.load_optimizer_state(model, optimizer, state)
+        return optimizer
+
+    def _state_prefix(self) -> str:
+        return f"{self.optimizer}-"
+
+    def save_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, ArrayDict]
+    ) -> None:
+        """With `keep_optimizer_state`, write the optimizer's per-parameter state into
+        `state` as groups `<optimizer>-<key>` keyed by parameter name (SAM: its base's)."""
+        if not self.keep_optimizer_state:
+            return
+        inner = getattr(optimizer, "base_optimizer", optimizer)
+        groups: dict[str, ArrayDict] = {}
+        for name, p in model.named_parameters():
+            for key, value in inner.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and key != "old_p":
+                    array = value.detach().cpu().numpy()
+                    groups.setdefault(self._state_prefix() + key, {})[name] = array
+        state.update(groups)
+
+    def load_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, ArrayDict]
+    ) -> None:
+        """With `keep_optimizer_state`, give `optimizer` (SAM: its base) the state that
+        `save_optimizer_state` stored; nothing when there is none yet (the first round)."""
+        prefix = self._state_prefix()
+        groups = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not self.keep_optimizer_state or not groups:
+            return
+        inner = getattr(optimizer, "base_optimizer", optimizer)
+        packed = inner.state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in inner.param_groups for p in g["params"])}
+        restored: dict[int, dict[str, torch.Tensor]] = {}
+        for name, p in model.named_parameters():
+            if id(p) not in index:
+                continue
+            entry = {}
+            for key, arrays in groups.items():
+                if name not in arrays:
+                    raise ValueError(
+                        f"{self.name}: kept optimizer state {prefix}{key} has no {name!r}"
+                    )
+                value = torch.as_tensor(np.array(arrays[name]))
+                if key != "step" and tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{self.name}: kept optimizer state {prefix}{key}[{name!r}] has shape "
+                        f"{tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                    )
+                entry[key] = value
+            restored[index[id(p)]] = entry
+        packed["state"] = restored
+        inner.load_state_dict(packed)
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
         """An extra term added to the task loss (FedProx's proximal term); None for none."""
@@ -112,7 +227,15 @@ class ClientHalf:
         states: Sequence[dict[str, ArrayDict]],
     ) -> torch.optim.Optimizer:
         """`begin` for K clients. SGD is elementwise, so one SGD over the stacked tensors is
-        K independent SGDs."""
+        K independent SGDs. Adam's step count is one per tensor, not per client, so a client
+        that sits a step out would get the others' bias correction: Adam/AdamW and kept
+        optimizer state are refused here."""
+        if self.optimizer != "sgd" or self.keep_optimizer_state:
+            what = "kept optimizer state" if self.optimizer == "sgd" else self.optimizer
+            raise ValueError(
+                f"batched client training supports per-round SGD only, not {what}: "
+                "train these clients one by one"
+            )
         return torch.optim.SGD(
             stack.tensors, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
@@ -220,5 +343,6 @@ def train_local(
             loss = half.step(model, optimizer, closure)
             total += float(loss.detach())
             count += 1
+    half.save_optimizer_state(model, optimizer, state)
     outgoing = half.end(model, state)
     return total / max(count, 1), outgoing

@@ -45,14 +45,19 @@ class FedProx(ServerHalf):
 
 
 class FedProxClient(ClientHalf):
-    """Local SGD on loss + mu/2 ||w - w_global||^2 over the trainable parameters."""
+    """Local training on loss + mu/2 ||w - w_global||^2 over the trainable parameters."""
 
     name = "fedprox"
 
     def __init__(
-        self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, mu: float = 0.0
+        self,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        mu: float = 0.0,
+        **options: Any,
     ) -> None:
-        super().__init__(lr, momentum, weight_decay)
+        super().__init__(lr, momentum, weight_decay, **options)
         self.mu = mu
         self._anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -63,10 +68,11 @@ class FedProxClient(ClientHalf):
         lr: float,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        **options: Any,
     ) -> FedProxClient:
         """Read "proximal-mu" from the train config."""
         mu = config_value(config, "proximal-mu", float, cls.name)
-        return cls(lr, momentum=momentum, weight_decay=weight_decay, mu=mu)
+        return cls(lr, momentum=momentum, weight_decay=weight_decay, mu=mu, **options)
 
     def begin(
         self, model: nn.Module, incoming: Mapping[str, ArrayDict], state: dict[str, ArrayDict]

@@ -3,8 +3,10 @@
 Records: as FedAvg, and the train config carries "rho" (float, the SAM radius) and "adaptive"
 (bool, ASAM of Kwon et al., 2021). The server aggregates like FedAvg.
 
-The step is pytorch-optimizer's `SAM` (first_step / second_step around the base SGD), driven so
-that the known traps are handled:
+The step is pytorch-optimizer's `SAM` (first_step / second_step) wrapped around the client
+half's own base optimizer (SGD, Adam or AdamW, as in the paper: the ascent uses the raw
+gradient, the descent is the base optimizer's step with the gradient found at w + e(w)), driven
+so that the known traps are handled:
 
 - the second pass reuses the batch through the closure (same inputs, same diffusion noise and
   timesteps, drawn in the batch) and, by restoring the RNG state, the same dropout masks;
@@ -117,8 +119,9 @@ class FedSAMClient(ClientHalf):
         weight_decay: float = 0.0,
         rho: float = 0.05,
         adaptive: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(lr, momentum, weight_decay)
+        super().__init__(lr, momentum, weight_decay, **options)
         self.rho = rho
         self.adaptive = adaptive
 
@@ -129,6 +132,7 @@ class FedSAMClient(ClientHalf):
         lr: float,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        **options: Any,
     ) -> FedSAMClient:
         """Read "rho" and "adaptive" from the train config."""
         return cls(
@@ -137,12 +141,14 @@ class FedSAMClient(ClientHalf):
             weight_decay=weight_decay,
             rho=config_value(config, "rho", float, cls.name),
             adaptive=config_value(config, "adaptive", bool, cls.name),
+            **options,
         )
 
     def begin(
         self, model: nn.Module, incoming: Mapping[str, ArrayDict], state: dict[str, ArrayDict]
     ) -> torch.optim.Optimizer:
-        """pytorch-optimizer's SAM around SGD with this half's hyperparameters."""
+        """pytorch-optimizer's SAM around this half's base optimizer (with last round's
+        state when kept)."""
         self.num_steps = 0
         for name, p in model.named_parameters():
             if p.requires_grad and p.dtype not in (torch.float32, torch.float64):
@@ -150,16 +156,17 @@ class FedSAMClient(ClientHalf):
                     f"fedsam: parameter {name!r} is {p.dtype}; SAM needs fp32 master weights "
                     "(use torch.autocast(dtype=torch.bfloat16) inside the loss for bf16)"
                 )
-        return SAM(
+        base, options = self.optimizer_class()
+        optimizer = SAM(
             [p for p in model.parameters() if p.requires_grad],
-            torch.optim.SGD,
+            base,
             perturb_eps=SAM_EPS,
             rho=self.rho,
             adaptive=self.adaptive,
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
+            **options,
         )
+        self.load_optimizer_state(model, optimizer, state)
+        return optimizer
 
     def step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, closure: Closure

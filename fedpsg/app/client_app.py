@@ -34,6 +34,7 @@ from flwr.common.constant import ErrorCode
 from fedpsg.app.config import WEIGHT, client_config, seed_everything
 from fedpsg.app.task import STATISTICS, Statistics, Task, load_task
 from strategies import client_half
+from strategies.base import optimizer_options
 from strategies.server import STATE_DIR, STATE_ID, to_numpy, to_record
 from strategies.state import ClientStateStore
 
@@ -85,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(config["lr"]),
         momentum=float(config.get("momentum", 0.0)),
         weight_decay=float(config.get("weight-decay", 0.0)),
+        **optimizer_options(config),
     )
     incoming = {k: to_numpy(r) for k, r in msg.content.array_records.items() if k != ARRAYS}
     store = _state_store(msg.content.config_records["config"], context, pid)

@@ -40,6 +40,56 @@ STRATEGY_OPTIONS = {
 }
 
 
+#: Named presets: run-config values a preset sets (docs/diffusion.md cites each number).
+#: "paper": the flatness paper's (arXiv 2503.11078) ADM base on CIFAR-10, as its code base
+#: (forever208/DDPM-IP on openai/guided-diffusion) trains it: AdamW with no weight decay
+#: (= Adam), lr 1e-4, torch's default betas and eps, batch 128, dropout 0.3, one optimizer
+#: carried through training.
+PRESETS: dict[str, dict[str, bool | int | float | str]] = {
+    "paper": {
+        "optimizer": "adamw",
+        "lr": 1e-4,
+        "momentum": 0.0,
+        "weight-decay": 0.0,
+        "adam-beta1": 0.9,
+        "adam-beta2": 0.999,
+        "adam-eps": 1e-8,
+        "optimizer-state": "keep",
+        "batch-size": 128,
+        "dropout": 0.3,
+    },
+}
+PRESET_TASKS = {"paper": "diffusion"}
+
+
+def apply_preset(
+    config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """`config` with its `preset`'s values filled in. A key still at its pyproject default
+    takes the preset's value; one set to anything else contradicts the preset and raises
+    `RunConfigError` naming both."""
+    name = str(config.get("preset", "none"))
+    if name == "none":
+        return dict(config)
+    if name not in PRESETS:
+        raise RunConfigError(f"run config preset={name!r}: expected none | {' | '.join(PRESETS)}")
+    if str(config.get("task")) != PRESET_TASKS[name]:
+        raise RunConfigError(
+            f"run config preset={name!r} is the {PRESET_TASKS[name]} task's, "
+            f"not task={config.get('task')!r}"
+        )
+    defaults = app_defaults() if defaults is None else defaults
+    out = dict(config)
+    for key, value in PRESETS[name].items():
+        if key in out and out[key] not in (defaults.get(key), value):
+            raise RunConfigError(
+                f"run config {key}={out[key]!r} contradicts preset={name!r} ({key}={value!r}): "
+                "drop one of them"
+            )
+        out[key] = value
+    return out
+
+
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     """The seed of one client's work in one round: a function of nothing else, so a run
     replays identically whichever process or node runs the client."""
@@ -60,9 +110,10 @@ def client_config(
     num_partitions: int | None = None,
 ) -> dict[str, Any]:
     """Run config overlaid with what the server sent this round; `seed` becomes the
-    (run seed, round, partition) seed, so shuffles differ per round and client.
+    (run seed, round, partition) seed, so shuffles differ per round and client; a
+    `preset`'s values are filled in.
     `num-partitions` (when given) sizes the default benchmark as on the server."""
-    config = {**run_config, **message_config, "partition-id": partition_id}
+    config = {**apply_preset(run_config), **message_config, "partition-id": partition_id}
     if num_partitions is not None:
         config["num-partitions"] = num_partitions
     config["seed"] = round_seed(
@@ -190,6 +241,13 @@ RULES: dict[str, Rule] = {
     "lr": _interval(0, closed="(]"),
     "momentum": _interval(0, 1),
     "weight-decay": _interval(0),
+    "optimizer": _one_of("sgd", "adam", "adamw"),
+    "adam-beta1": _interval(0, 1, "[)"),
+    "adam-beta2": _interval(0, 1, "[)"),
+    "adam-eps": _interval(0, closed="(]"),
+    "optimizer-state": _one_of("reset", "keep"),
+    "preset": _one_of("none", *PRESETS),
+    "dropout": _interval(0, 1, "[)"),
     "batch-size": _at_least(1),
     "seed": _at_least(0),
     "benchmark-dir": Rule(_absolute_or_empty, 'an absolute path, or "" for the default'),
@@ -229,7 +287,8 @@ def validate_run_config(
     Raises `RunConfigError` with one line for the first unknown key (with the spelling it
     was probably meant to be: `proximal_mu` -> `proximal-mu`), value of the wrong type or
     value out of range. Flower merges `flwr run -c` over the same defaults, so the launcher,
-    the in-process engine and the ServerApp all accept exactly the same configs.
+    the in-process engine and the ServerApp all accept exactly the same configs. A
+    `preset`'s values are filled in (`apply_preset`).
     """
     defaults = app_defaults() if defaults is None else defaults
     for key in overrides:
@@ -247,6 +306,12 @@ def validate_run_config(
             raise RunConfigError(f"run config {key}={value!r}: expected {allowed}")
         if rule is not None and not rule.check(value):
             raise RunConfigError(f"run config {key}={value!r}: expected {rule.allowed}")
+    config = apply_preset(config, defaults)
+    if config.get("optimizer", "sgd") != "sgd" and config.get("momentum", 0):
+        raise RunConfigError(
+            f"run config momentum={config['momentum']!r}: SGD's; optimizer="
+            f"{config['optimizer']!r} uses adam-beta1/adam-beta2 (set momentum=0)"
+        )
     return config
 
 
