@@ -45,8 +45,14 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds."""
+    """Tell the server which partition this node holds, once it has loaded it: a
+    partition that does not load fails the run before round 1 (the server stops on an
+    error reply here), not round after round."""
     pid, num = _partition_of(context)
+    try:
+        _partition(str(context.run_config["task"]), _data_config(context), pid, num)
+    except (ValueError, OSError) as exc:
+        return _error_reply(msg, pid, exc)
     record = ConfigRecord({"partition-id": pid, "num-partitions": num})
     return Message(RecordDict({"partition": record}), reply_to=msg)
 
@@ -72,7 +78,9 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's partition with the strategy's
     client half; reply with the new weights, metrics and the half's extra arrays."""
     pid, num = _partition_of(context)
-    config = client_config(context.run_config, msg.content.config_records["config"], pid)
+    config = client_config(
+        context.run_config, msg.content.config_records["config"], pid, num
+    )
     try:
         data = _partition(str(config["task"]), _data_config(context), pid, num)
     except (ValueError, OSError) as exc:
@@ -118,7 +126,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's partition."""
     pid, num = _partition_of(context)
-    config = client_config(context.run_config, msg.content.config_records["config"], pid)
+    config = client_config(
+        context.run_config, msg.content.config_records["config"], pid, num
+    )
     try:
         data = _partition(str(config["task"]), _data_config(context), pid, num)
     except (ValueError, OSError) as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,14 @@ from flwr.app import (
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedpsg.app.config import output_dir, seed_everything, strategy_kwargs
+from fedpsg.app.config import (
+    RunConfigError,
+    ignored_keys,
+    output_dir,
+    seed_everything,
+    strategy_kwargs,
+    validate_run_config,
+)
 from fedpsg.app.outputs import RunRecorder, write_comparison
 from fedpsg.app.task import STATISTICS, Statistics, Task, load_task, sum_statistics
 from strategies import server_options, server_strategy
@@ -49,11 +56,8 @@ def main(grid: Grid, context: Context) -> None:
     on the same federation (one simulation start-up), each from the same initial model and
     the same client sampling, with outputs in `<out-dir>/<name>/` and a comparison table.
     """
-    config = dict(context.run_config)
+    config = checked_config(context.run_config)
     out_dir = output_dir(config, context.run_id)
-    names = [name.strip() for name in str(config["strategy"]).split(",")]
-    if len(set(names)) != len(names):
-        raise ValueError(f"run config strategy lists an algorithm twice: {config['strategy']!r}")
     dirs = run_dirs(config, out_dir)
     try:
         check_resume(config, dirs)
@@ -61,9 +65,10 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "[fedpsg] %s", exc)
         raise
     task = load_task(str(config["task"]))
-    test_data = task.load_test(config)
-    partitions = discover_partitions(grid, timeout=float(config.get("connect-timeout", 300)))
+    partitions = discover_partitions(grid, timeout=float(config["connect-timeout"]))
     log(INFO, "[fedpsg] %d nodes hold partitions 0..%d", len(partitions), len(partitions) - 1)
+    config["num-partitions"] = len(partitions)  # sizes the default benchmark, as on the nodes
+    test_data = task.load_test(config)
     grid = PartitionGrid(grid, partitions)
     statistics = collect_statistics(grid, task, config)
     for name, run_dir in dirs.items():
@@ -71,6 +76,21 @@ def main(grid: Grid, context: Context) -> None:
     if len(dirs) > 1:
         write_comparison(out_dir, list(dirs))
     log(INFO, "[fedpsg] outputs written to %s", out_dir)
+
+
+def checked_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config, validated before anything runs (the in-process engine and a
+    deployment's `flwr run` reach the ServerApp without the launcher's check): a bad one
+    fails the run with one logged line; keys the strategy ignores get a warning."""
+    try:
+        config = validate_run_config(run_config)
+    except RunConfigError as exc:
+        log(ERROR, "[fedpsg] %s", exc)
+        raise
+    for key in ignored_keys(config):
+        log(WARNING, "[fedpsg] run config %s=%r: strategy %s ignores it", key, config[key],
+            config["strategy"])  # fmt: skip
+    return config
 
 
 def run_dirs(config: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -165,7 +185,9 @@ def discover_partitions(grid: Grid, timeout: float) -> dict[int, int]:
     """Map node id -> partition id, once every partition's node has connected.
 
     Each node answers a QUERY with its `partition-id` and `num-partitions` (node config);
-    the federation is complete when `num-partitions` distinct partitions answered.
+    the federation is complete when `num-partitions` distinct partitions answered. A node
+    that cannot load its partition (say, a 10-client benchmark on 2 nodes) answers with an
+    error, and the run fails here, before round 1, with that node's reason.
     """
     deadline = time.monotonic() + timeout
     partitions: dict[int, int] = {}
@@ -184,11 +206,10 @@ def discover_partitions(grid: Grid, timeout: float) -> dict[int, int]:
             Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new
         ]
         for reply in grid.send_and_receive(queries, timeout=timeout):
-            if reply.has_error():
-                raise RuntimeError(
-                    f"node {reply.metadata.src_node_id} has no usable node config: "
-                    f"{reply.error.reason}"
-                )
+            if reply.has_error():  # e.g. the benchmark does not fit the federation
+                message = f"node {reply.metadata.src_node_id}: {reply.error.reason}"
+                log(ERROR, "[fedpsg] %s", message)
+                raise RuntimeError(message)
             record = reply.content.config_records[PARTITION]
             partitions[reply.metadata.src_node_id] = int(record["partition-id"])
             expected = int(record["num-partitions"])

@@ -304,6 +304,19 @@ def _stop_tree(proc: subprocess.Popen, grace: float) -> None:
         _signal(pid, signal.SIGKILL)
 
 
+def stop_detached(pid: int, grace: float = 10.0) -> None:
+    """Stop, by pid, a process that is not our child and everything under it: the SuperLink
+    that `flwr run` detaches for a `:local:` connection (it outlives the command)."""
+    tree = [pid, *_descendants(pid)]
+    for member in tree:
+        _signal(member, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (alive := [p for p in tree if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for member in alive:
+        _signal(member, signal.SIGKILL)
+
+
 def _descendants(pid: int) -> list[int]:
     """All live descendants of `pid`, from /proc (Linux); empty where /proc is absent."""
     children: dict[int, list[int]] = {}
