@@ -110,3 +110,13 @@ def test_server_app_fails_before_round_1(tmp_path: Path):
     with pytest.raises(RunConfigError, match=r"eval-every=0: expected an integer >= 1"):
         server_app.main(UnusableGrid(), Context(1, 0, {}, RecordDict(), config))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_deploy_refuses_before_making_certificates_or_starting(tmp_path: Path):
+    result = CliRunner().invoke(
+        app,
+        ["deploy", "local", "--benchmark", str(tmp_path), "--tls", "--run-dir",
+         str(tmp_path / "run"), "-c", "server-ema=1.5"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "server-ema=1.5" in result.output
+    assert not (tmp_path / "run").exists()  # no certificates, no logs, no processes

@@ -35,7 +35,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fedpsg.app.config import parse_run_config
+from fedpsg.app.config import parse_run_config, validate_run_config
 from fedpsg.run import compose
 from fedpsg.run.certs import make_certificates
 from fedpsg.run.processes import (
@@ -372,16 +372,17 @@ def local(
     """Run the app on a SuperLink and NODES SuperNodes started from the compose file."""
     if not benchmark.is_dir():
         raise typer.BadParameter(f"{benchmark} is not a folder", param_hint="--benchmark")
+    try:  # before any certificate, folder or process: the ServerApp's own check
+        overrides = {"num-server-rounds": rounds, **parse_run_config(config)}
+        validate_run_config(overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="-c") from None
     run_dir = (run_dir or ROOT / "runs" / f"deploy-{datetime.now(UTC):%Y%m%d-%H%M%S}").resolve()
     if tls and certs is None:
         certs = make_certificates(run_dir / "certs", nodes)
     _, plan = plan_federation(
         benchmark.resolve(), run_dir, nodes=nodes, tls=tls, certs=certs, compose_file=compose_file
     )
-    try:
-        overrides = {"num-server-rounds": rounds, **parse_run_config(config)}
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="-c") from None
     run_config = app_run_config(local_paths(benchmark.resolve(), run_dir, certs), overrides)
     ca = certs / "ca.crt" if tls and certs is not None else None
     console = Console(stderr=True)
@@ -400,7 +401,7 @@ def local(
     summary = run_dir / "results" / "summary.md"
     if summary.exists():
         typer.echo(summary.read_text())
-    raise typer.Exit(code)
+    raise typer.Exit(0 if code == 0 else 1)
 
 
 @cli.command()
