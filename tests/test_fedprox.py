@@ -1,6 +1,5 @@
 """FedProx: hand-worked proximal step, mu=0 is FedAvg, and drift shrinks as mu grows."""
 
-import random
 
 import numpy as np
 import pytest
@@ -53,8 +52,10 @@ def test_mu_zero_reproduces_fedavg_exactly():
     finals = {}
     for name, options in [("fedavg", {}), ("fedprox", {"proximal_mu": 0.0})]:
         grid, _ = make_grid(data, epochs=2)
-        random.seed(3)
-        result = server_strategy(name, fraction_train=0.5, fraction_evaluate=0.0, **options).start(
+        strategy = server_strategy(
+            name, fraction_train=0.5, fraction_evaluate=0.0, seed=3, **options
+        )
+        result = strategy.start(
             grid, to_record(initial_arrays()), num_rounds=4
         )
         finals[name] = to_numpy(result.arrays)

@@ -1,6 +1,5 @@
 """FedSAM: hand-worked SAM/ASAM steps, the SAM traps, rho=0 is FedAvg, SAM finds flatter minima."""
 
-import random
 
 import numpy as np
 import pytest
@@ -134,8 +133,10 @@ def test_rho_zero_reproduces_fedavg_through_the_server():
     finals = {}
     for name, options in [("fedavg", {}), ("fedsam", {"rho": 0.0})]:
         grid, _ = make_grid(data, epochs=2)
-        random.seed(3)
-        result = server_strategy(name, fraction_train=0.5, fraction_evaluate=0.0, **options).start(
+        strategy = server_strategy(
+            name, fraction_train=0.5, fraction_evaluate=0.0, seed=3, **options
+        )
+        result = strategy.start(
             grid, to_record(initial_arrays()), num_rounds=3
         )
         finals[name] = to_numpy(result.arrays)
