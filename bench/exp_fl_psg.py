@@ -1,32 +1,37 @@
-"""Experiment: the FL-PSG model table on the real PSG annotations, FL-PSG's protocol.
+"""Experiment: the FL-PSG model table on the real PSG annotations, FL-PSG's protocol, 3 seeds.
 
-The 24,378 annotated images (labels + box geometry; no pixels), one seeded held-out test split,
-100 clients of which 5 train per round, 1 local epoch, SGD lr 0.03, batch 16, partitioned over
-the FL-PSG category-map clusters (FL-PSG runs 100 rounds; the default here is 50, what the grid's
-45 federations cost on a few CPU cores in a few hours):
+The 24,378 annotated images (labels + box geometry; no pixels), a seeded held-out test split,
+100 clients of which 5 train per round, 1 local epoch, SGD lr 0.03 momentum 0.9, batch 16,
+100 rounds (FL-PSG's budget), partitioned over the FL-PSG category-map clusters:
+`iid` (FL-PSG's "Random"), `shard` (each client holds one cluster: "Shard-non-IID"), and
+`alpha=<a>`: each client's cluster mixture drawn from Dirichlet(a), equal client sizes (the
+builder's `dirichlet-client`). A seed covers the split and partition (the benchmark build),
+the initialisation and the client sampling; every cell runs `--seeds` and reports mean and
+range.
 
-- `iid` (FL-PSG's "Random"), `shard` (each client holds one cluster: FL-PSG's
-  "Shard-non-IID"), and `alpha=10/1/0.1`: each client's cluster mixture drawn from
-  Dirichlet(alpha) with equal client sizes (the builder's `dirichlet-client`).
+Every federated job names its frequency prior (`federated`: the statistics round sums the
+clients' predicate-pair counts before round 1; `none`: the table starts at zero, FL-PSG's
+setting) and the centralized (CL) row of the same model uses the matching one (`pooled` /
+`none`) on the pooled training images for the same number of passes over the data
+(`fedpsg.psg.centralized.budget_epochs`). Jobs come in priority tiers:
 
-Every model runs FedAvg on every partition; the models in `--strategy-models` also run FedSAM
-and SCAFFOLD: MOTIFS, the best by the centralized table in bench/results/psg_models.md, chosen
-in advance, and VCTree, the best federated model of the FedAvg grid. The CL row trains each
-model on the pooled training images for the same number of passes over the data
-(`fedpsg.psg.centralized.budget_epochs`). Each partition's heterogeneity index (size-weighted JSD to
-the global distribution, over clusters and over predicates) comes from its manifest.
+1. every model x {iid, alpha=10, alpha=1, alpha=0.1, shard}, FedAvg, `federated`; CL `pooled`;
+2. MOTIFS and VCTree on the same partitions under `none`; CL `none`;
+3. FedProx, FedSAM and SCAFFOLD for MOTIFS and VCTree on {iid, alpha=0.1, shard}, `federated`;
+curve: MOTIFS and VCTree, FedAvg, both priors, on the alphas between (100, 3, 0.3, 0.03):
+with tiers 1 and 2 these are the heterogeneity curve's 9 points
+(`bench/exp_heterogeneity_curve.py`).
 
-Each (partition, model, strategy) is one federation of the real ServerApp and ClientApp run
-in-process (`fedpsg.run.simulate.simulate_in_process`: Flower's Message API through a LocalGrid, no
-Ray start-up), in its own worker process with one torch thread, `--workers` at a time. A
-finished job is not run again, so the grid can be stopped and resumed or run in pieces on
-several machines (`--only`) and gathered in one place.
+Each job is one federation of the real ServerApp and ClientApp in-process
+(`fedpsg.run.simulate.simulate_in_process`: Flower's Message API through a LocalGrid, no
+Ray), in its own worker process with one torch thread, `--workers` at a time, the model on
+`--device` (`cuda` spreads workers over the visible GPUs). Finished jobs are rows of
+`<results>/<name>.json`, rewritten after every job; `--resumable` skips the jobs already
+there, stops starting jobs that would not end inside `--budget-s`, and stops the run at the
+budget, so a grid runs across several time-limited calls:
 
-    python -m bench.exp_fl_psg --workers 2                   # the whole grid, 50 rounds
-    python -m bench.exp_fl_psg --only vctree,shard/ --workers 16  # a piece of it
-
-Results: bench/results/fl_psg.json and fl_psg.md (rewritten after every job); each run's
-outputs (metrics, plots, model) under runs/exp_fl_psg/.
+    python -m bench.exp_fl_psg --tiers 1 --workers 16 --resumable --budget-s 540
+    python -m bench.exp_fl_psg --tiers 1,2,3,curve --only motifs --workers 2
 """
 
 from __future__ import annotations
@@ -35,28 +40,29 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from benchmark_builder.build import BuildConfig, build_benchmark
-from fedpsg.app.outputs import round_metrics
-from fedpsg.psg.centralized import budget_epochs, run_centralized, write_outputs
+from fedpsg.psg.centralized import budget_epochs, run_centralized
 from fedpsg.run.simulate import APP_DIR, simulate_in_process
 
-DATA = APP_DIR.parent / "shared" / "data"
-PSG = DATA / "psg_annotations.json.gz"
-CATEGORY_MAP = DATA / "fl_psg_word_categorized.json"
+DATA = Path(os.environ.get("FEDPSG_SHARED_DATA", APP_DIR.parent / "shared" / "data"))
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("frequency", "imp", "motifs", "vctree", "gpsnet")
-PARTITIONS = {"iid": None, "alpha=10": 10.0, "alpha=1": 1.0, "alpha=0.1": 0.1, "shard": None}
-METRICS = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100")
+MAIN_PARTITIONS = ("iid", "alpha=10", "alpha=1", "alpha=0.1", "shard")
+CURVE_PARTITIONS = ("alpha=100", "alpha=3", "alpha=0.3", "alpha=0.03")
+METRICS = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "mR-present@50")
+CL_PRIOR = {"federated": "pooled", "none": "none"}
+# Rough one-thread CPU seconds of a 100-round job, until the grid has measured its own.
+COST_S = {"frequency": 120, "imp": 450, "motifs": 450, "gpsnet": 700, "vctree": 1600}
 # FL-PSG's published R@100 / mR@100 (SGDet): centralized, FedAvg Random, Shard-non-IID.
 FL_PSG = {
     "imp": ((18.37, 7.11), (14.46, 3.56), (13.06, 2.68)),
@@ -66,82 +72,115 @@ FL_PSG = {
 }
 
 
+def tier_cells(tier: str) -> list[tuple[str, str, str, str]]:
+    """(partition, model, method, prior) of one tier, in priority order (CL rows first)."""
+    pair = ("motifs", "vctree")
+    if tier == "1":
+        return [("pooled", m, "CL", "federated") for m in MODELS] + [
+            (p, m, "fedavg", "federated") for p in ("iid", "shard", "alpha=0.1", "alpha=1",
+                                                    "alpha=10") for m in MODELS
+        ]  # fmt: skip
+    if tier == "2":
+        return [("pooled", m, "CL", "none") for m in pair] + [
+            (p, m, "fedavg", "none") for p in MAIN_PARTITIONS for m in pair
+        ]
+    if tier == "3":
+        return [
+            (p, m, s, "federated")
+            for s in ("fedprox", "fedsam", "scaffold")
+            for p in ("iid", "alpha=0.1", "shard")
+            for m in pair
+        ]
+    if tier == "curve":
+        return [
+            (p, m, "fedavg", prior)
+            for prior in ("federated", "none")
+            for p in CURVE_PARTITIONS
+            for m in pair
+        ]
+    raise ValueError(f"unknown tier {tier!r}; choose from 1, 2, 3, curve")
+
+
+def job_name(partition: str, model: str, method: str, prior: str, seed: int) -> str:
+    """`partition/model/method/prior/seed`; a CL job's prior is the centralized one."""
+    if method == "CL":
+        prior = CL_PRIOR[prior]
+    return f"{partition}/{model}/{method}/{prior}/{seed}"
+
+
+def jobs(args: argparse.Namespace) -> list[str]:
+    """Every job of the chosen tiers, a cell's seeds together, in priority order."""
+    names: list[str] = []
+    for tier in args.tiers.split(","):
+        for cell in tier_cells(tier.strip()):
+            for seed in args.seed_list:
+                name = job_name(*cell, seed)
+                if name not in names:
+                    names.append(name)
+    keep = args.only.split(",") if args.only else [""]
+    return [n for n in names if any(text in n for text in keep)]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=APP_DIR / "runs" / "exp_fl_psg")
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument(
-        "--strategy-models", default="motifs,vctree", help="models that also run --extra-strategies"
-    )
-    p.add_argument("--extra-strategies", default="fedsam,scaffold")
-    p.add_argument("--partitions", default=",".join(PARTITIONS))
-    p.add_argument("--cl", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--name", default="fl_psg_seeds", help="results file stem")
+    p.add_argument("--tiers", default="1,2,3,curve")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--only", help="comma-separated texts: run only jobs whose names contain one")
     p.add_argument("--workers", type=int, default=2, help="jobs at once, one thread each")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (workers spread over GPUs)")
+    p.add_argument("--resumable", action="store_true", help="skip jobs already in the results")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="wall-clock budget")
+    p.add_argument("--cost-scale", type=float, default=1.0, help="scales COST_S (other machine)")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--per-round", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--proximal-mu", type=float, default=0.01)
     p.add_argument("--rho", type=float, default=0.05)
-    p.add_argument("--eval-every", type=int, default=5, help="server test evaluation period")
+    p.add_argument("--eval-every", type=int, default=10, help="server test evaluation period")
     p.add_argument("--clusters", type=int, default=5)
     p.add_argument("--test-fraction", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--job", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    return args
 
 
-def benchmark(args: argparse.Namespace, partition: str) -> Path:
-    """The partition's benchmark folder (built once)."""
-    out = args.out.resolve() / "benchmarks" / partition.replace("=", "")
+def benchmark(args: argparse.Namespace, partition: str, seed: int) -> Path:
+    """The partition's benchmark folder for one seed (built once)."""
+    out = args.out.resolve() / "benchmarks" / f"seed{seed}" / partition.replace("=", "")
     if not (out / "manifest.json").exists():
-        alpha = PARTITIONS[partition]
-        method = partition if alpha is None else "dirichlet-client"
+        alpha = float(partition.split("=")[1]) if partition.startswith("alpha=") else None
         config = BuildConfig(
             num_clients=args.clients,
-            partition=method,
+            partition="dirichlet-client" if alpha is not None else partition,
             alpha=alpha,
             num_clusters=args.clusters,
             featurizer="category-map",
-            featurizer_options={"category_map": CATEGORY_MAP},
-            seed=args.seed,
+            featurizer_options={"category_map": DATA / "fl_psg_word_categorized.json"},
+            seed=seed,
             test_fraction=args.test_fraction,
         )
-        build_benchmark(PSG, out, config)
+        build_benchmark(DATA / "psg_annotations.json.gz", out, config)
     return out
 
 
-def jobs(args: argparse.Namespace) -> list[str]:
-    """Job names `partition/model/strategy`, and `pooled/model/CL` for the CL rows."""
-    names = []
-    for partition in args.partitions.split(","):
-        for model in args.models.split(","):
-            names.append(f"{partition}/{model}/fedavg")
-            if model in args.strategy_models.split(","):
-                names += [f"{partition}/{model}/{s}" for s in args.extra_strategies.split(",")]
-    if args.cl:
-        names += [f"pooled/{model}/CL" for model in args.models.split(",")]
-    keep = args.only.split(",") if args.only else [""]
-    return [n for n in names if any(text in n for text in keep)]
-
-
-def job_dir(args: argparse.Namespace, name: str) -> Path:
-    return args.out.resolve() / "runs" / name.replace("=", "")
-
-
-def run_config(args: argparse.Namespace, bench: Path, model: str, strategy: str) -> dict:
+def run_config(args: argparse.Namespace, bench: Path, name: str) -> dict:
+    partition, model, method, prior, seed = name.split("/")
     return {
         "task": "psg",
-        "strategy": strategy,
+        "strategy": "fedavg" if method == "CL" else method,
         "benchmark-dir": str(bench),
         "model": model,
         "mode": "predcls",
         "features": "geometry",
+        "frequency-prior": prior,
         "num-server-rounds": args.rounds,
         "fraction-train": args.per_round / args.clients,
         "min-train-nodes": args.per_round,
@@ -149,155 +188,259 @@ def run_config(args: argparse.Namespace, bench: Path, model: str, strategy: str)
         "lr": args.lr,
         "momentum": args.momentum,
         "batch-size": args.batch_size,
-        "seed": args.seed,
+        "seed": int(seed),
         "proximal-mu": args.proximal_mu,
         "rho": args.rho,
         "eval-every": args.eval_every,
+        "device": args.device,
     }
 
 
-def run_job(args: argparse.Namespace, name: str) -> None:
-    """One federation (or the CL run); `result.json` marks it finished."""
+def machine(device: str) -> str:
+    """What a job ran on: CPU cores, and the card when the model was on a GPU."""
+    text = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    if device.startswith("cuda"):
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def run_job(args: argparse.Namespace, name: str) -> dict:
+    """One federation (or the CL run) -> its result row (final metrics, a short history)."""
     torch.set_num_threads(1)
-    partition, model, strategy = name.split("/")
-    out = job_dir(args, name)
+    partition, model, method, prior, seed = name.split("/")
+    out = args.out.resolve() / "runs" / name.replace("=", "")
     start = time.perf_counter()
-    if strategy == "CL":
-        # The split precedes partitioning: every partition pools the same training images.
-        bench = benchmark(args, "iid")
+    if method == "CL":
+        # The split precedes partitioning: every partition of a seed pools the same images.
+        bench = benchmark(args, "iid", int(seed))
         epochs = budget_epochs(args.rounds, args.per_round, args.clients, args.epochs)
-        write_outputs(run_centralized(run_config(args, bench, model, "fedavg"), epochs), out)
-        final = json.loads((out / "metrics.json").read_text())[-1]
+        history = run_centralized(run_config(args, bench, name), epochs).history
+        final = history[-1]
         het = {"cluster_jsd": None, "predicate_jsd": None}
+        curve = [{"round": row["epoch"], **{m: row[m] for m in METRICS}} for row in history]
+        elapsed = [row["wall_s"] for row in history]
     else:
-        bench = benchmark(args, partition)
-        simulate_in_process(run_config(args, bench, model, strategy), args.clients, out)
-        final = round_metrics(out)
+        bench = benchmark(args, partition, int(seed))
+        simulate_in_process(run_config(args, bench, name), args.clients, out)
+        rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+        evaluated = [r for r in rounds if r["server"]]
+        final = evaluated[-1]["server"]
         manifest = json.loads((bench / "manifest.json").read_text())["heterogeneity"]
         het = {k: manifest[k] for k in ("cluster_jsd", "predicate_jsd")}
-    row = {"partition": partition, "model": model, "method": strategy, **het}
-    row |= {m: final[m] for m in METRICS} | {"wall_s": round(time.perf_counter() - start, 1)}
-    row["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
-    (out / "result.json").write_text(json.dumps(row, indent=2) + "\n")
+        curve = [{"round": r["round"], **{m: r["server"][m] for m in METRICS}} for r in evaluated]
+        elapsed = [r["elapsed-s"] for r in rounds]
+    return {
+        "job": name,
+        "partition": partition,
+        "model": model,
+        "method": method,
+        "prior": prior,
+        "seed": int(seed),
+        **het,
+        **{m: final[m] for m in METRICS},
+        "curve": curve,
+        "elapsed_s": elapsed,  # after each round (epoch), from the run's start
+        "wall_s": round(time.perf_counter() - start, 1),
+        "machine": machine(args.device),
+    }
 
 
-def gather(args: argparse.Namespace) -> list[dict]:
-    """Rows of every finished job of the grid, in grid order."""
-    rows = []
-    for name in jobs(argparse.Namespace(**{**vars(args), "only": None})):
-        path = job_dir(args, name) / "result.json"
-        if path.exists():
-            rows.append(json.loads(path.read_text()))
-    return rows
+def load_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-def effects(rows: list[dict]) -> list[str]:
-    """Per model: FedAvg's R@100/mR@100 relative to CL and to iid, beside FL-PSG's."""
-    by = {(r["partition"], r["model"], r["method"]): r for r in rows}
+def cells(rows: list[dict]) -> list[dict]:
+    """Rows grouped by (partition, model, method, prior): mean, min and max over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["partition"], row["model"], row["method"], row["prior"])
+        groups.setdefault(key, []).append(row)
+    out = []
+    for (partition, model, method, prior), group in groups.items():
+        cell = {"partition": partition, "model": model, "method": method, "prior": prior,
+                "seeds": sorted(r["seed"] for r in group)}  # fmt: skip
+        for key in (*METRICS, "cluster_jsd", "predicate_jsd", "wall_s"):
+            values = [r[key] for r in group if r[key] is not None]
+            if values:
+                cell[key] = {"mean": statistics.fmean(values), "min": min(values),
+                             "max": max(values)}  # fmt: skip
+        out.append(cell)
+    order = {p: i for i, p in enumerate(("pooled", *MAIN_PARTITIONS, *CURVE_PARTITIONS))}
+    methods = ("CL", "fedavg", "fedprox", "fedsam", "scaffold")
+    out.sort(key=lambda c: (c["prior"] == "none", MODELS.index(c["model"]),
+                            methods.index(c["method"]), order.get(c["partition"], 99)))  # fmt: skip
+    return out
+
+
+def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """`mean [min, max]`."""
+    if not stat:
+        return "-"
+    return (f"{scale * stat['mean']:.{digits}f} [{scale * stat['min']:.{digits}f}, "
+            f"{scale * stat['max']:.{digits}f}]")  # fmt: skip
+
+
+def effects(table: list[dict]) -> list[str]:
+    """FedAvg iid / CL and shard / iid (R@100, mR@100) beside FL-PSG's ratios, read only
+    where the seed ranges of the two cells do not overlap."""
+    by = {(c["partition"], c["model"], c["method"], c["prior"]): c for c in table}
+
+    def reading(a: dict | None, b: dict | None, key: str) -> str:
+        if not a or not b or key not in a or key not in b:
+            return "-"
+        ratio = a[key]["mean"] / b[key]["mean"]
+        if a[key]["min"] > b[key]["max"]:
+            return f"{ratio:.2f} (higher)"
+        if a[key]["max"] < b[key]["min"]:
+            return f"{ratio:.2f} (lower)"
+        return f"{ratio:.2f} (ranges overlap: no reading)"
+
     lines = [
-        "| model | FedAvg iid / CL (R, mR) | FL-PSG Random / CL | shard / iid (R, mR) "
-        "| FL-PSG Shard-non-IID / Random | alpha=0.1 / iid (R, mR) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | prior | FedAvg iid / CL, R@100 | mR@100 | FL-PSG Random / CL (R, mR) "
+        "| shard / iid, R@100 | mR@100 | FL-PSG Shard / Random (R, mR) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for model in MODELS:
-        cl, iid = by.get(("pooled", model, "CL")), by.get(("iid", model, "fedavg"))
-        shard, a01 = by.get(("shard", model, "fedavg")), by.get(("alpha=0.1", model, "fedavg"))
-
-        def ratio(a: dict | None, b: dict | None) -> str:
-            if not a or not b:
-                return "-"
-            return f"{a['R@100'] / b['R@100']:.2f}, {a['mR@100'] / b['mR@100']:.2f}"
-
-        ref = FL_PSG.get(model)
-        ref_cl = ref_shard = "-"
-        if ref:
-            (cr, cm), (rr, rm), (sr, sm) = ref
-            ref_cl, ref_shard = f"{rr / cr:.2f}, {rm / cm:.2f}", f"{sr / rr:.2f}, {sm / rm:.2f}"
-        lines.append(
-            f"| {model} | {ratio(iid, cl)} | {ref_cl} | {ratio(shard, iid)} | {ref_shard} "
-            f"| {ratio(a01, iid)} |"
-        )
+    for prior in ("federated", "none"):
+        for model in MODELS:
+            cl = by.get(("pooled", model, "CL", CL_PRIOR[prior]))
+            iid = by.get(("iid", model, "fedavg", prior))
+            shard = by.get(("shard", model, "fedavg", prior))
+            if not iid:
+                continue
+            ref = FL_PSG.get(model)
+            ref_cl = ref_shard = "-"
+            if ref:
+                (cr, cm), (rr, rm), (sr, sm) = ref
+                ref_cl = f"{rr / cr:.2f}, {rm / cm:.2f}"
+                ref_shard = f"{sr / rr:.2f}, {sm / rm:.2f}"
+            lines.append(
+                f"| {model} | {prior} | {reading(iid, cl, 'R@100')} | {reading(iid, cl, 'mR@100')}"
+                f" | {ref_cl} | {reading(shard, iid, 'R@100')} | {reading(shard, iid, 'mR@100')}"
+                f" | {ref_shard} |"
+            )
     return lines
 
 
 def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
+    """`<name>.json` (every job's row, and the cells) and `<name>.md` (the cells)."""
     cl_epochs = budget_epochs(args.rounds, args.per_round, args.clients, args.epochs)
     setting = (
         f"{args.clients} clients, {args.per_round} per round, {args.rounds} rounds x "
         f"{args.epochs} local epoch(s), SGD lr {args.lr} momentum {args.momentum}, batch "
-        f"{args.batch_size}, PredCls on labels + geometry, FedSAM rho {args.rho}, "
-        f"{args.clusters} FL-PSG category-map clusters, test fraction {args.test_fraction}, "
-        f"seed {args.seed}, test evaluation every {args.eval_every} rounds; CL: {cl_epochs} "
-        "epoch(s) on the pooled training images"
+        f"{args.batch_size}, PredCls on labels + geometry, FedProx mu {args.proximal_mu}, "
+        f"FedSAM rho {args.rho}, {args.clusters} FL-PSG category-map clusters, test fraction "
+        f"{args.test_fraction}, test evaluation every {args.eval_every} rounds and after the "
+        f"last; CL: {cl_epochs} epoch(s) on the pooled training images"
     )
+    table = cells(rows)
     args.results.mkdir(parents=True, exist_ok=True)
-    payload = {"setting": setting, "rows": rows}
-    (args.results / "fl_psg.json").write_text(json.dumps(payload, indent=2) + "\n")
-    head = "| partition | cluster JSD | predicate JSD | model | method | " + " | ".join(METRICS)
+    payload = {"setting": setting, "cells": table, "rows": rows}
+    (args.results / f"{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    head = ["partition", "cluster JSD", "predicate JSD", "model", "method", "prior", "seeds",
+            *METRICS, "job s", "ran on"]  # fmt: skip
     lines = [
-        f"Setting: {setting}; torch {torch.__version__}, one thread per job.",
+        f"Setting: {setting}.",
         "",
-        head + " | wall s | ran on |",
-        "| --- | ---: | ---: | --- | --- |" + " ---: |" * (len(METRICS) + 1) + " --- |",
+        "Each cell: mean [min, max] over the seeds listed (a seed = split + partition, "
+        "initialisation, client sampling). Recalls in %, graph-constrained, on the seed's "
+        "held-out test split after the last round; mR@K over all 56 predicate classes "
+        "(OpenPSG), mR-present@50 over those in the split.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| --- | ---: | ---: | --- | --- | --- | --- |" + " ---: |" * (len(METRICS) + 1) + " --- |",
     ]
-    for r in rows:
-        het = ["-" if r[k] is None else f"{r[k]:.3f}" for k in ("cluster_jsd", "predicate_jsd")]
-        values = " | ".join(f"{100 * r[m]:.2f}" for m in METRICS)
+    machines = {}
+    for row in rows:
+        machines.setdefault((row["partition"], row["model"], row["method"], row["prior"]),
+                            set()).add(row["machine"])  # fmt: skip
+    for c in table:
+        key = (c["partition"], c["model"], c["method"], c["prior"])
+        het = [fmt(c.get(k), 1.0, 3) for k in ("cluster_jsd", "predicate_jsd")]
+        values = " | ".join(fmt(c.get(m)) for m in METRICS)
+        seeds = ",".join(map(str, c["seeds"]))
         lines.append(
-            f"| {r['partition']} | {het[0]} | {het[1]} | {r['model']} | {r['method']} "
-            f"| {values} | {r['wall_s']:.0f} | {r['machine']} |"
+            f"| {c['partition']} | {het[0]} | {het[1]} | {c['model']} | {c['method']} "
+            f"| {c['prior']} | {seeds} | {values} | {c['wall_s']['mean']:.0f} "
+            f"| {'; '.join(sorted(machines[key]))} |"
         )
-    lines += [
-        "",
-        "Recalls in %, graph-constrained, on the held-out test split, after the last round.",
-        "",
-        "Direction of the effects (ratios of R@100, mR@100; FL-PSG's from its SGDet table):",
-        "",
-        *effects(rows),
-    ]
-    (args.results / "fl_psg.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "Effect directions (ratios of means; read only where seed ranges part):", ""]
+    lines += effects(table)
+    (args.results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+
+
+def estimate_s(rows: list[dict], model: str, method: str, scale: float = 1.0) -> float:
+    """Expected wall seconds of a job: the median of this grid's finished ones, else a guess."""
+    done = [r["wall_s"] for r in rows if r["model"] == model and r["method"] == method]
+    return statistics.median(done) if done else COST_S[model] * scale
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.job:
-        run_job(args, args.job)
+        row = run_job(args, args.job)
+        (args.out / "rows").mkdir(parents=True, exist_ok=True)
+        path = args.out / "rows" / (args.job.replace("/", "__").replace("=", "") + ".json")
+        path.write_text(json.dumps(row) + "\n")
         return
-    partitions = args.partitions.split(",")
-    unknown = set(partitions) - set(PARTITIONS)
-    if unknown:
-        sys.exit(f"unknown partition(s) {sorted(unknown)}; choose from {list(PARTITIONS)}")
-    # built once, side by side, before the workers read them
-    with ProcessPoolExecutor(min(args.workers, len(partitions))) as pool:
-        list(pool.map(partial(benchmark, args), partitions))
-    pending = [n for n in jobs(args) if not (job_dir(args, n) / "result.json").exists()]
+    start = time.monotonic()
+    results = args.results / f"{args.name}.json"
+    rows = load_rows(results) if args.resumable else []
+    done = {r["job"] for r in rows}
+    pending = [n for n in jobs(args) if n not in done]
+    builds = sorted({(n.split("/")[0] if n.split("/")[2] != "CL" else "iid", int(n.split("/")[4]))
+                     for n in pending})  # fmt: skip
+    with ProcessPoolExecutor(max(1, min(args.workers, len(builds) or 1))) as pool:
+        list(pool.map(benchmark, [args] * len(builds), *zip(*builds, strict=True)))
     base = [sys.executable, "-m", "bench.exp_fl_psg", *(argv if argv is not None else sys.argv[1:])]
-    running: dict[str, subprocess.Popen] = {}
-    failed = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
+    running: dict[str, tuple[subprocess.Popen, int]] = {}
+    failed: list[str] = []
     with tqdm(total=len(pending), desc="FL-PSG grid", unit="job") as bar:
         while pending or running:
-            while pending and len(running) < args.workers:
-                name = pending.pop(0)
-                log = job_dir(args, name).with_suffix(".log")
+            slots = set(range(args.workers)) - {slot for _, slot in running.values()}
+            for name in list(pending):
+                if not slots:
+                    break
+                _, model, method, _, _ = name.split("/")
+                left = args.budget_s - (time.monotonic() - start)
+                if args.resumable and estimate_s(rows, model, method, args.cost_scale) * 1.1 > left:
+                    continue  # would not finish inside the budget: left for the next call
+                pending.remove(name)
+                slot = slots.pop()
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+                log = args.out / "logs" / (name.replace("/", "__").replace("=", "") + ".log")
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "w") as handle:
-                    cmd = [*base, "--job", name]
-                    running[name] = subprocess.Popen(cmd, env=env, stdout=handle, stderr=handle)
-            time.sleep(2)
-            for name, proc in list(running.items()):
+                    proc = subprocess.Popen([*base, "--job", name], env=env, stdout=handle,
+                                            stderr=subprocess.STDOUT)  # fmt: skip
+                running[name] = (proc, slot)
+            if not running:
+                break  # nothing fits the budget any more
+            time.sleep(1)
+            if time.monotonic() - start > args.budget_s:
+                for name, (proc, _) in running.items():
+                    proc.kill()
+                    bar.write(f"{name}: stopped at the budget")
+                break
+            for name, (proc, _) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[name]
-                if proc.returncode:
+                path = args.out / "rows" / (name.replace("/", "__").replace("=", "") + ".json")
+                if proc.returncode or not path.exists():
                     failed.append(name)
-                    bar.write(f"{name}: failed, see {job_dir(args, name).with_suffix('.log')}")
+                    bar.write(f"{name}: failed (exit {proc.returncode}), see {args.out / 'logs'}")
+                else:
+                    rows.append(json.loads(path.read_text()))
+                    write_results(args, rows)
                 bar.update()
-                write_results(args, gather(args))
-    write_results(args, gather(args))
-    print((args.results / "fl_psg.md").read_text())
+    write_results(args, rows)
+    left = [n for n in jobs(args) if n not in {r["job"] for r in rows}]
+    print(f"{len(rows)} jobs in {results}; {len(left)} left; failed: {failed or 'none'}")
     if failed:
-        sys.exit(f"failed jobs: {failed}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

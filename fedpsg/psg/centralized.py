@@ -2,11 +2,11 @@
 
 Every table of federated results gets this row, as FL-PSG's do. The run config is the
 federated one (`benchmark-dir`, `model`, `mode`, `lr`, `momentum`, `batch-size`, `seed`,
-`features`, `model-*`) and `frequency-prior`: `pooled` (the default) starts the frequency table
-at the prior counted on the pooled training data, the like-for-like row of a federation's
-`federated` (whose summed client counts are the same table); `none` starts it at zero, as a
-federation's `none` does. Training uses
-the FedAvg client half (plain SGD), so only the data's location differs from a federated run.
+`features`, `device`, `model-*`) and `frequency-prior`: `pooled` (the default) starts the
+frequency table at the prior counted on the pooled training data, the like-for-like row of a
+federation's `federated` (whose summed client counts are the same table); `none` starts it at
+zero, as a federation's `none` does. Training uses the FedAvg client half (plain SGD), so only
+the data's location differs from a federated run.
 
 Budget: a round in which `k` of `n` clients run `E` local epochs passes over `k / n * E` of the
 pooled data in expectation, so `R` rounds match `budget_epochs(R, k, n, E)` centralized epochs.
@@ -74,6 +74,7 @@ def run_centralized(
     ]
     test = load_scenes(benchmark, None, visual)
     mode, seed = str(config.get("mode", "predcls")), int(config.get("seed", 0))
+    device = torch.device(str(config.get("device", "cpu")))
     batch_size = int(config.get("batch-size", 16))
     prior = None
     if prior_mode({"frequency-prior": "pooled", **config}, ("none", "pooled")) == "pooled":
@@ -89,6 +90,7 @@ def run_centralized(
             model.set_prior(prior)
         except ValueError as exc:
             raise ValueError(f"frequency-prior='pooled': {exc}") from None
+    model.to(device)
     half = ClientHalf(
         float(config.get("lr", 0.03)),
         momentum=float(config.get("momentum", 0.0)),
@@ -99,10 +101,9 @@ def run_centralized(
     for epoch in range(epochs + 1):
         loss = float("nan")
         if epoch:
-            loss, _ = train(
-                model, scenes, half, mode=mode, batch_size=batch_size, seed=seed * 100_003 + epoch
-            )
-        metrics = evaluate(model, test, mode=mode, batch_size=batch_size)
+            loss, _ = train(model, scenes, half, mode=mode, batch_size=batch_size,
+                            seed=seed * 100_003 + epoch, device=device)  # fmt: skip
+        metrics = evaluate(model, test, mode=mode, batch_size=batch_size, device=device)
         row = {
             "epoch": epoch,
             "train_loss": loss,
