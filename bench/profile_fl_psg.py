@@ -107,6 +107,12 @@ def main() -> None:
         projected = f"{extra:.0f} | {100 * extra / total_100:.0f}%" if extra is not None else "|"
         lines.append(f"| {label} | {value:.1f} | {100 * value / wall:.0f}% | {projected} |")
     lines.append(f"| total | {wall:.1f} | 100% | {total_100:.0f} | 100% |")
+    lines += ["", "Largest own times (tottime):", "", "| function | calls | own s |",
+              "| --- | ---: | ---: |"]  # fmt: skip
+    own = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]  # type: ignore[attr-defined]
+    for (path, line, func), (_, calls, tottime, *_rest) in own:
+        where = "/".join(Path(path).parts[-2:])
+        lines.append(f"| `{where}:{line}({func})` | {calls} | {tottime:.2f} |")
     args.results.mkdir(parents=True, exist_ok=True)
     stem = f"fl_psg_profile_{args.model}"
     (args.results / f"{stem}.md").write_text("\n".join(lines) + "\n")

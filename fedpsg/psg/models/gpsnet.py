@@ -19,8 +19,8 @@ adaptive reasoning module's softened frequency prior.
   learnable temperature starting at 1 (the paper's fixed softening), and added with the
   paper's bias adaptation weight d_ij = sigmoid(w^T u_ij) per pair. The paper's table holds
   fixed dataset statistics; here it is a parameter, as in every model of this package, so a
-  federation that starts from a uniform table (no client may share its counts) still learns
-  the statistics.
+  federation that starts from a uniform table (`frequency-prior = none`) still learns the
+  statistics.
 
 Simplifications: the pair feature u_ij is an MLP of the pair geometry (the paper pools a
 union-box CNN feature; the data here has per-segment features only), the Tucker fusion is
