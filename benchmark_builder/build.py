@@ -140,7 +140,7 @@ def featurize_and_cluster(
         features = featurizer.fit_transform(dataset)
     with timer.stage("cluster"):
         texts = dataset_triplets(dataset)
-        distinct = len(np.unique(features, axis=0))
+        distinct = distinct_rows(features)
         if labels is None and distinct < num_clusters:
             raise PartitionError(
                 f"{dataset.source}: only {distinct} distinct image features"
@@ -152,6 +152,12 @@ def featurize_and_cluster(
             clustering = labelled_clustering(features, labels, num_clusters, seed, texts)
         predicates = image_predicate_counts(dataset.images, len(dataset.predicate_classes))
     return Semantics(featurizer, features, clustering, predicates)
+
+
+def distinct_rows(features: np.ndarray) -> int:
+    """Number of distinct feature vectors (rows compared as raw bytes: one 1-D sort)."""
+    rows = np.ascontiguousarray(features)
+    return len(np.unique(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1])))))
 
 
 def sweep_alpha(
