@@ -195,3 +195,18 @@ def test_client_state_files_keep_the_last_state_before_the_round(tmp_path):
     store.path(3).write_bytes(b"\0" * 10)
     with pytest.raises(CheckpointError, match="client-00004.round-00003.npz"):
         store.load(4)
+
+
+def test_a_node_with_its_own_state_dir_keeps_its_state_there(bench, tmp_path):
+    """In a deployment each node keeps its own state: `state-dir` in its node config wins
+    over the folder the server names."""
+    out = tmp_path / "run"
+    own = {i: {"state-dir": str(tmp_path / f"node-{i}")} for i in range(CLIENTS)}
+    options = {"num-server-rounds": 2, "checkpoint": True}
+    simulate_in_process(config(bench, "scaffold", **options), CLIENTS, out, node_configs=own)
+    trained = {p for r in rounds(out) for p in r["sampled"].get("train", [])}
+    assert trained
+    for pid in range(CLIENTS):
+        files = list((tmp_path / f"node-{pid}").rglob(f"client-{pid:05d}.round-*.npz"))
+        assert bool(files) == (pid in trained), pid
+    assert not list((out / "checkpoints").rglob("client-*.npz"))
