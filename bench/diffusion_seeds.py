@@ -22,11 +22,16 @@ import numpy as np
 MEASURES = {
     "FID@20": lambda r: r["fid_20"],
     "FID@100": lambda r: r["fid_100"],
+    "FID@100 vs train": lambda r: r["fid_100_train"],
     "FID@20 8-bit": lambda r: r["fid_20_q8"],
     "FID@20 4-bit": lambda r: r["fid_20_q4"],
     "test-loss rise 4-bit": lambda r: r["test_loss_q4"] - r["test_loss"],
+    "test-loss ratio 4-bit": lambda r: r["test_loss_q4"] / r["test_loss"],
     "lambda_max": lambda r: r["hessian_top_eigenvalue"],
+    "lambda_min": lambda r: r["hessian"]["all"]["smallest"],
+    "lambda_max weights": lambda r: r["hessian"]["weights"]["largest"],
     "exposure gap@20": lambda r: r["exposure_20"]["mean_gap"],
+    "exposure largest gap@20": lambda r: r["exposure_20"]["largest_gap"],
 }
 PLOTTED = ("FID@100", "lambda_max", "test-loss rise 4-bit")
 
@@ -40,15 +45,25 @@ def by_seed(results: list[dict]) -> dict[int, dict[str, dict]]:
     return seeds
 
 
+def _read(read, row: dict) -> float | None:
+    try:
+        return float(read(row))
+    except KeyError:  # a measure that files of earlier runs do not have
+        return None
+
+
 def seed_values(results: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """Arm -> measure -> one value per seed (ascending), for the arms every seed has."""
+    """Arm -> measure -> one value per seed (ascending), for the arms every seed has and the
+    measures every one of their rows has."""
     seeds = by_seed(results)
     by_run = [seeds[seed] for seed in sorted(seeds)]
     arms = [arm for arm in by_run[0] if all(arm in run for run in by_run)]
-    return {
-        arm: {name: [float(read(run[arm])) for run in by_run] for name, read in MEASURES.items()}
+    values = {
+        arm: {name: [_read(read, run[arm]) for run in by_run] for name, read in MEASURES.items()}
         for arm in arms
     }
+    complete = [n for n in MEASURES if all(None not in values[a][n] for a in arms)]
+    return {arm: {n: values[arm][n] for n in complete} for arm in arms}
 
 
 def _cell(values: list[float]) -> str:
@@ -57,11 +72,12 @@ def _cell(values: list[float]) -> str:
 
 
 def table(values: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
+    names = list(next(iter(values.values()))) if values else list(MEASURES)
     lines = [
         f"Mean (min to max) over seeds {', '.join(map(str, seeds))}.",
         "",
-        "| arm | " + " | ".join(MEASURES) + " |",
-        "| --- |" + " ---: |" * len(MEASURES),
+        "| arm | " + " | ".join(names) + " |",
+        "| --- |" + " ---: |" * len(names),
     ]
     for arm, measures in values.items():
         lines.append(f"| {arm} | " + " | ".join(_cell(v) for v in measures.values()) + " |")
