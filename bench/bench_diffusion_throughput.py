@@ -112,10 +112,14 @@ def clients_per_gpu(unet: str, size: int, batch: int, counts: list[int], seconds
 PEAK_BF16 = 790e12  # H200 dense bf16 FLOP/s, the MFU denominator
 #: BENCH_DEVICE=cpu dry-runs the batched part's code on tiny sizes (no graphs, no memory stats)
 DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cuda"))
-MODES = {  # name -> (compute dtype of the stacked step, CUDA graph)
-    "vmap bf16": (torch.bfloat16, False),
-    "vmap bf16 + graph": (torch.bfloat16, True),
+MODES = {  # name -> (compute dtype, CUDA graph, clients per stack (None: all), CUDA streams)
+    "vmap bf16 eager": (torch.bfloat16, False, None, 1),
+    "one stack + graph": (torch.bfloat16, True, None, 1),
+    "graph per client (1 stream)": (torch.bfloat16, True, 1, 1),
+    "graph per client (4 streams)": (torch.bfloat16, True, 1, 4),
+    "stacks of 4 (4 streams)": (torch.bfloat16, True, 4, 4),
 }
+BEST = "graph per client (4 streams)"
 
 
 def _sync() -> None:
@@ -174,7 +178,7 @@ def stacked_rate(
     peak GPU memory per client."""
     from strategies.batched import train_local_stacked
 
-    dtype, graph = MODES[mode]
+    dtype, graph, per_stack, streams = MODES[mode]
     graph = graph and DEVICE.type == "cuda"
     short, long = steps
     models, images, halves = _clients(unet, size, batch, k, long)
@@ -184,7 +188,16 @@ def stacked_rate(
         batches = [NoisyBatches(x[: n * batch], batch, 1000, seed=i) for i, x in enumerate(images)]
         _sync()
         start = time.perf_counter()
-        train_local_stacked(models, batches, loss, halves, compute_dtype=dtype, cuda_graph=graph)
+        train_local_stacked(
+            models,
+            batches,
+            loss,
+            halves,
+            compute_dtype=dtype,
+            cuda_graph=graph,
+            clients_per_stack=per_stack,
+            streams=streams,
+        )
         _sync()
         return time.perf_counter() - start
 
@@ -225,7 +238,16 @@ def gpu_equivalence(steps: int = 3) -> dict:
     many = [copy.deepcopy(model) for _ in images]
     halves = [ClientHalf(0.05, momentum=0.9) for _ in images]
     graph = DEVICE.type == "cuda"
-    out = train_local_stacked(many, batches(), loss, halves, epochs=steps, cuda_graph=graph)
+    out = train_local_stacked(
+        many,
+        batches(),
+        loss,
+        halves,
+        epochs=steps,
+        cuda_graph=graph,
+        clients_per_stack=1,
+        streams=2,
+    )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return {
         "max_abs_param_diff": max(
@@ -244,40 +266,55 @@ def batched_part(args: argparse.Namespace) -> dict:
     size, batch, steps = args.image_size, args.batch_size, (args.short_steps, args.long_steps)
     result = {"equivalence": gpu_equivalence(), "unets": {}}
     total = torch.cuda.get_device_properties(0).total_memory if DEVICE.type == "cuda" else 0
+    per_unet = dict(u.split(":") for u in args.unet_clients.split(",")) if args.unet_clients else {}
     for unet in args.unets.split(","):
         fpi = flops_per_image(unet, size)
         row: dict = {"gflop_per_image": fpi / 1e9, "per_client": {}, "stacked": []}
         for precision in ("fp32", "bf16"):
             rate = per_client_rate(unet, size, batch, precision == "bf16")
             row["per_client"][precision] = {"images_per_s": rate, "mfu": rate * fpi / PEAK_BF16}
-        for mode in MODES:
-            for k in [int(c) for c in args.stacked_clients.split(",")]:
+        for mode in args.modes.split(","):
+            per_client = 0.0
+            for k in [int(c) for c in per_unet.get(unet, args.stacked_clients).split("/")]:
                 entry = {"mode": mode, "clients": k}
-                try:
-                    entry.update(stacked_rate(unet, size, batch, k, mode, steps))
-                    entry["mfu"] = entry["steady_images_per_s"] * fpi / PEAK_BF16
-                except torch.OutOfMemoryError:
-                    entry["error"] = "out of memory"
+                if total and per_client * k > 0.85 * total:
+                    entry["error"] = f"skipped: about {per_client * k / 2**30:.0f} GiB needed"
+                else:
+                    try:
+                        entry.update(stacked_rate(unet, size, batch, k, mode, steps))
+                        entry["mfu"] = entry["steady_images_per_s"] * fpi / PEAK_BF16
+                        per_client = entry["peak_gib_per_client"] * 2**30
+                    except torch.OutOfMemoryError:
+                        entry["error"] = "out of memory"
                 row["stacked"].append(entry)
                 print(json.dumps({"unet": unet, **entry}), flush=True)
                 torch.cuda.empty_cache()
                 if "error" in entry:
                     break
-        fits = [e for e in row["stacked"] if "error" not in e and e["mode"].endswith("graph")]
-        if fits and total:
-            per_client = fits[-1]["peak_gib_per_client"] * 2**30
-            k = min(int(0.9 * total / per_client) // 8 * 8, args.max_clients)
-            try:
-                stacked_rate(unet, size, batch, k, "vmap bf16 + graph", (1, 2))
-                row["largest_k_tried"] = {"clients": k, "fits": True}
-            except torch.OutOfMemoryError:
-                row["largest_k_tried"] = {"clients": k, "fits": False}
-            torch.cuda.empty_cache()
         result["unets"][unet] = row
     return result
 
 
-def stacked_worker(unet: str, size: int, batch: int, k: int, seconds: float) -> None:
+def largest_k(result: dict, args: argparse.Namespace) -> None:
+    """Try, per UNet, the K that the measured peak memory per client says fills 80% of the
+    card (BEST mode, a 2-step round); last, since a failed CUDA graph capture can leave the
+    context unusable."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    for unet, row in result["unets"].items():
+        fits = [e for e in row["stacked"] if e["mode"] == BEST and "error" not in e]
+        if not fits:
+            continue
+        k = min(int(0.8 * total / (fits[-1]["peak_gib_per_client"] * 2**30)), args.max_clients)
+        try:
+            stacked_rate(unet, args.image_size, args.batch_size, k, BEST, (1, 2))
+            row["largest_k_tried"] = {"clients": k, "fits": True}
+        except Exception as exc:  # noqa: BLE001 - recorded: OOM or a capture that failed
+            row["largest_k_tried"] = {"clients": k, "fits": False, "error": repr(exc)[:200]}
+        print(json.dumps({"unet": unet, **row["largest_k_tried"]}), flush=True)
+        torch.cuda.empty_cache()
+
+
+def stacked_worker(unet: str, size: int, batch: int, k: int, seconds: float, mode: str) -> None:
     """One GPU's share of the clients: prints "ready" after a first round, waits for a line
     on stdin, then runs batched rounds for `seconds` and prints images/s."""
     from strategies.batched import train_local_stacked
@@ -285,12 +322,21 @@ def stacked_worker(unet: str, size: int, batch: int, k: int, seconds: float) -> 
     torch.backends.cudnn.benchmark = True
     models, images, halves = _clients(unet, size, batch, k, 8)
     loss = DenoisingLoss(make_scheduler())
-    graph = DEVICE.type == "cuda"
+    dtype, graph, per_stack, streams = MODES[mode]
+    graph = graph and DEVICE.type == "cuda"
 
     def one_round() -> None:
         batches = [NoisyBatches(x, batch, 1000, seed=i) for i, x in enumerate(images)]
-        dtype = torch.bfloat16
-        train_local_stacked(models, batches, loss, halves, compute_dtype=dtype, cuda_graph=graph)
+        train_local_stacked(
+            models,
+            batches,
+            loss,
+            halves,
+            compute_dtype=dtype,
+            cuda_graph=graph,
+            clients_per_stack=per_stack,
+            streams=streams,
+        )
 
     one_round()
     _sync()
@@ -304,13 +350,15 @@ def stacked_worker(unet: str, size: int, batch: int, k: int, seconds: float) -> 
     print(json.dumps({"images_per_s": done / (time.perf_counter() - t0)}), flush=True)
 
 
-def multi_gpu(unet: str, size: int, batch: int, k: int, gpus: int, seconds: float) -> dict:
+def multi_gpu(
+    unet: str, size: int, batch: int, k: int, gpus: int, seconds: float, mode: str
+) -> dict:
     """The same K clients on one GPU, then split over `gpus` GPUs (one process each, started
     together once every process has warmed up)."""
 
     def launch(n: int) -> list[float]:
         cmd = [sys.executable, "-m", "bench.bench_diffusion_throughput", "--stacked-worker"]
-        args = [unet, str(size), str(batch), str(k // n), str(seconds)]
+        args = [unet, str(size), str(batch), str(k // n), str(seconds), mode]
         procs = [
             subprocess.Popen(
                 [*cmd, *args],
@@ -337,6 +385,7 @@ def multi_gpu(unet: str, size: int, batch: int, k: int, gpus: int, seconds: floa
         "unet": unet,
         "clients": k,
         "gpus": gpus,
+        "mode": mode,
         "one_gpu_images_per_s": one[0],
         "per_gpu_images_per_s": split,
         "total_images_per_s": sum(split),
@@ -380,8 +429,8 @@ def batched_table(result: dict, args: argparse.Namespace) -> list[str]:
             )
         if "largest_k_tried" in row:
             t = row["largest_k_tried"]
-            verdict = "fits" if t["fits"] else "out of memory"
-            lines.append(f"\n{unet}: {t['clients']} clients (vmap bf16 + graph): {verdict}.\n")
+            verdict = "fits" if t["fits"] else f"fails ({t.get('error', '')})"
+            lines.append(f"\n{unet}: {t['clients']} clients ({BEST}): {verdict}.\n")
     if "equivalence" in result:
         eq = result["equivalence"]
         lines += [
@@ -412,24 +461,27 @@ def main() -> None:
     p.add_argument("--client-image-size", type=int, default=16)
     p.add_argument("--client-batch", type=int, default=64)
     p.add_argument("--seconds", type=float, default=8.0)
-    p.add_argument("--stacked-clients", default="1,4,16,64")
+    p.add_argument("--stacked-clients", default="1/4/16/64", help="K values, '/'-separated")
+    p.add_argument("--unet-clients", default="", help="per UNet K values: 'base:1/4/16,...'")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--gpu-mode", default=BEST, help="mode of the multi-GPU run")
     p.add_argument("--short-steps", type=int, default=3)
     p.add_argument("--long-steps", type=int, default=8)
     p.add_argument("--max-clients", type=int, default=512)
     p.add_argument("--gpus", type=int, default=1, help="> 1: also split K clients over GPUs")
-    p.add_argument("--gpu-clients", type=int, default=64, help="K of the multi-GPU run")
+    p.add_argument("--gpu-clients", default="small:64,base:16", help="K of the multi-GPU run")
     p.add_argument("--name", default="diffusion_batched", help="file name of the batched part")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--client-worker", nargs=5, help=argparse.SUPPRESS)
-    p.add_argument("--stacked-worker", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--stacked-worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.client_worker:
         u, s, b, t, sec = args.client_worker
         client_worker(u, int(s), int(b), float(t), float(sec))
         return
     if args.stacked_worker:
-        u, s, b, k, sec = args.stacked_worker
-        stacked_worker(u, int(s), int(b), int(k), float(sec))
+        u, s, b, k, sec, mode = args.stacked_worker
+        stacked_worker(u, int(s), int(b), int(k), float(sec), mode)
         return
     parts = args.parts.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -439,13 +491,24 @@ def main() -> None:
         result["config"] = {k: str(v) for k, v in vars(args).items()}
         if "batched" in parts:
             result.update(batched_part(args))
+            (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+            if DEVICE.type == "cuda":
+                largest_k(result, args)
         if args.gpus > 1:
             result["device"] = f"{args.gpus}x {device}"
+            ks = dict(u.split(":") for u in args.gpu_clients.split(","))
             result["multi_gpu"] = [
                 multi_gpu(
-                    u, args.image_size, args.batch_size, args.gpu_clients, args.gpus, args.seconds
+                    u,
+                    args.image_size,
+                    args.batch_size,
+                    int(ks[u]),
+                    args.gpus,
+                    args.seconds,
+                    args.gpu_mode,
                 )  # fmt: skip
                 for u in args.unets.split(",")
+                if u in ks
             ]
         (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
         lines = batched_table(result, args)

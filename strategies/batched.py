@@ -28,7 +28,8 @@ call the model. Attention runs on PyTorch's math kernel (the fused kernels have 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -155,17 +156,21 @@ class _GraphedStep:
         self.params = params
         leaves = [t.clone() for t in _leaves(batch)]
         self.static = leaves[0] if isinstance(batch, torch.Tensor) else _rebuild(batch, leaves)
+        # torch.cuda.graph() would synchronize, collect garbage and empty the cache for
+        # every capture; with a graph per client that dominates a round, so capture by hand.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: allocator, cuDNN plans, lazily moved constants
-                self._clear()
-                run(self.static)
+            self._clear()
+            run(self.static)  # warm-up: cuDNN plans, lazily moved constants
+            self._clear()
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.capture_begin()
+            try:
+                self.loss = run(self.static)
+            finally:
+                self.graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        self._clear()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = run(self.static)
         self.grads = [p.grad for p in params]
 
     def _clear(self) -> None:
@@ -191,6 +196,8 @@ def train_local_stacked(
     *,
     compute_dtype: torch.dtype | None = None,
     cuda_graph: bool = False,
+    clients_per_stack: int | None = None,
+    streams: int = 1,
 ) -> list[tuple[float, dict[str, ArrayDict]]]:
     """`train_local` for K clients at once; returns each client's (mean loss, outgoing).
 
@@ -198,20 +205,75 @@ def train_local_stacked(
     (all one algorithm with one set of hyperparameters), `incoming[k]` and `states[k]`;
     each model ends holding its client's weights. `compute_dtype=torch.bfloat16` runs the
     forward and backward passes in bf16 on fp32 master weights; `cuda_graph` replays the
-    full-width step from a CUDA graph (CUDA devices only).
+    full-width step from a CUDA graph (CUDA devices only). `clients_per_stack` splits the
+    clients into stacks of that many (default: one stack), which advance step by step in
+    turn, spread over `streams` CUDA streams so that their kernels overlap.
     """
     num = len(models)
     if not num or not len(batches) == len(halves) == num:
         raise ValueError("batched training needs one batch iterable and one half per model")
     if len({_hyperparameters(h) for h in halves}) > 1:
         raise ValueError("batched training needs every client on one algorithm and setting")
-    incoming = [{} for _ in models] if incoming is None else list(incoming)
-    states = [{} for _ in models] if states is None else list(states)
-    stacked = _StackedModel(models)
-    stack, half = stacked.stack, halves[0]
-    device = stack.tensors[0].device
+    device = next(models[0].parameters()).device
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs the models on a CUDA device, not {device}")
+    incoming = [{} for _ in models] if incoming is None else list(incoming)
+    states = [{} for _ in models] if states is None else list(states)
+    size = clients_per_stack or num
+    chunks = [slice(a, min(a + size, num)) for a in range(0, num, size)]
+    runs = [
+        _train_stack(
+            models[c],
+            batches[c],
+            loss_fn,
+            copy.copy(halves[c.start]),
+            incoming[c],
+            states[c],
+            epochs,
+            compute_dtype,
+            cuda_graph,
+        )  # fmt: skip
+        for c in chunks
+    ]
+    lanes: list[Any] = [None]
+    if device.type == "cuda" and streams > 1:
+        lanes = [torch.cuda.Stream(device) for _ in range(min(streams, len(chunks)))]
+        for lane in lanes:
+            lane.wait_stream(torch.cuda.current_stream(device))
+    results: list[list[tuple[float, dict[str, ArrayDict]]]] = [[] for _ in chunks]
+    pending = list(range(len(chunks)))
+    while pending:
+        for i in list(pending):
+            lane = lanes[i % len(lanes)]
+            with torch.cuda.stream(lane) if lane is not None else nullcontext():
+                try:
+                    next(runs[i])
+                except StopIteration as done:
+                    results[i] = done.value
+                    pending.remove(i)
+    for lane in lanes:
+        if lane is not None:
+            torch.cuda.current_stream(device).wait_stream(lane)
+    return [r for chunk in results for r in chunk]
+
+
+def _train_stack(
+    models: Sequence[nn.Module],
+    batches: Sequence[Iterable[Any]],
+    loss_fn: LossFn,
+    half: ClientHalf,
+    incoming: Sequence[Mapping[str, ArrayDict]],
+    states: Sequence[dict[str, ArrayDict]],
+    epochs: int,
+    compute_dtype: torch.dtype | None,
+    cuda_graph: bool,
+) -> Generator[None, None, list[tuple[float, dict[str, ArrayDict]]]]:
+    """One stack's local training, yielding after every step; returns its clients'
+    (mean loss, outgoing)."""
+    num = len(models)
+    stacked = _StackedModel(models)
+    stack = stacked.stack
+    device = stack.tensors[0].device
     optimizer = half.begin_stacked(stack, incoming, states)
     everyone = torch.ones(num, dtype=torch.bool, device=device)
     total = torch.zeros(num, device=device)
@@ -249,6 +311,7 @@ def train_local_stacked(
             total += torch.where(mask, loss, 0.0)
             for k in active:
                 steps[k] += 1
+            yield
     stacked.write_back()
     outgoing = half.end_stacked(stack, states, steps)
     means = (total.cpu() / torch.tensor([max(s, 1) for s in steps])).tolist()

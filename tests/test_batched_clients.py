@@ -56,8 +56,11 @@ def _scaffold_inputs(model, num, seed):
     return [incoming] * num, states
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_stacked_matches_per_client(clients, name, one_thread):
+@pytest.mark.parametrize(
+    "name,per_stack", [*((n, None) for n in sorted(ALGORITHMS)), ("scaffold", 2), ("fedsam", 1)]
+)
+def test_stacked_matches_per_client(clients, name, per_stack, one_thread):
+    """One stack of all clients, or stacks of `per_stack` clients taking turns."""
     model, images = clients
     config = ALGORITHMS[name]
     loss_fn = DenoisingLoss(make_scheduler(1000))
@@ -83,7 +86,14 @@ def test_stacked_matches_per_client(clients, name, one_thread):
     many_models = [copy.deepcopy(model) for _ in images]
     many_states = copy.deepcopy(states)
     many = train_local_stacked(
-        many_models, batches(), loss_fn, halves(), incoming, many_states, epochs=2
+        many_models,
+        batches(),
+        loss_fn,
+        halves(),
+        incoming,
+        many_states,
+        epochs=2,
+        clients_per_stack=per_stack,
     )
 
     for k in range(num):
