@@ -104,4 +104,6 @@ def main(
 
 
 if __name__ == "__main__":
-    sys.exit(typer.run(main))
+    cli = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+    cli.command()(main)
+    sys.exit(cli())
