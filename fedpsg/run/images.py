@@ -245,9 +245,17 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @contextlib.contextmanager
 def serve_wheelhouse(wheelhouse: Path = WHEELHOUSE) -> Iterator[str]:
-    """`wheelhouse` over HTTP on a free loopback port while the block runs; yields the URL."""
+    """`wheelhouse` over HTTP on loopback while the block runs; yields the URL. The port is
+    derived from the wheelhouse's contents, so the URL - a build argument, hence part of
+    Docker's layer cache key - stays the same while the wheels do and an app image rebuilt
+    for a code change reuses its dependency layer (a free port when that one is taken)."""
     handler = functools.partial(_QuietHandler, directory=str(wheelhouse))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    listing = sorted(p.name for p in wheelhouse.iterdir())
+    port = 20000 + int(_digest(*listing), 16) % 20000
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -385,6 +393,8 @@ def build_images(force: bool = False, progress: Progress | None = None) -> list[
             docker_build(APP_IMAGE, DOCKER / "Dockerfile", ROOT, app_key,
                          {"BASE_IMAGE": FLOWER_IMAGES["superexec"], "PIP_INDEX": offline,
                           "REQUIREMENTS": requirements})  # fmt: skip
+    # the images these replaced, untagged now (their layers still used stay)
+    docker("image", "prune", "--force", "--filter", f"label={LABEL}")
     return [Built(image, image_size(image), was_built) for image, was_built in built.items()]
 
 
