@@ -173,6 +173,10 @@ class _GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
         self.grads = [p.grad for p in params]
 
+    def fits(self, batch: Any) -> bool:
+        """Whether `batch` has the captured shapes."""
+        return _shape_key(batch) == _shape_key(self.static)
+
     def _clear(self) -> None:
         for p in self.params:
             p.grad = None
@@ -300,7 +304,8 @@ def _train_stack(
                 batch = _stack_batches(step)
                 if cuda_graph and graphed is None:
                     graphed = _GraphedStep(full_width, stack.tensors, batch)
-                run = graphed if cuda_graph else full_width
+                # the graph holds the first batch shape; another (a last batch) runs eagerly
+                run = graphed if graphed is not None and graphed.fits(batch) else full_width
                 loss = half.step_stacked(stack, optimizer, lambda b=batch, r=run: r(b))
                 mask = everyone
             else:
