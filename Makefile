@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test lint bench images
+.PHONY: setup demo test docs-check lint bench images
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Every ```bash block of README.md and docs/ on small data (part of `make test` too);
+# FEDPSG_DOCS_DEPLOY=1 also runs the `fedpsg deploy local` commands (minutes each)
+docs-check: setup
+	$(PY) -m pytest tests/test_docs_commands.py -q -rs
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -82,14 +82,15 @@ def test_plain_flwr_run_works_on_the_default_federation(tmp_path: Path):
 def test_a_benchmark_that_does_not_fit_fails_at_start_with_the_fix(
     three_clients, tmp_path, capfd
 ):
-    """3 clients on 2 SuperNodes: the nodes' partition query fails, so the run stops before
-    round 1 with the fix in one `[fedpsg]` line, the only kind of line the terminal shows."""
+    """3 clients on 2 SuperNodes: no node can load its partition when the server asks which
+    one it holds, so the run stops before round 1 with the fix in one `[fedpsg]` error line;
+    the terminal shows only `[fedpsg]` lines and errors."""
     config = {"benchmark-dir": str(three_clients), "num-server-rounds": 2}
     assert simulate(config, 2, tmp_path) != 0
     shown = [line for line in capfd.readouterr().out.splitlines() if line.strip()]
     fix = '3 clients but the federation has 2 partitions; run it on 3 nodes (flwr run ' \
         '--federation-config "num-supernodes=3"'
-    assert any("[fedpsg] node" in line and fix in line for line in shown), shown
+    assert any("[fedpsg] only 0 of 2 nodes can load" in line and fix in line for line in shown)
     assert all(quiet_line(line) for line in shown)
     log = (tmp_path / "flwr_run.log").read_text()
     assert "Starting Flower Simulation" in log  # the full log is kept

@@ -45,15 +45,14 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds, once it has loaded it: a
-    partition that does not load fails the run before round 1 (the server stops on an
-    error reply here), not round after round."""
+    """Tell the server which partition this node holds, and whether it loads (`error`:
+    why not), so the server can stop a run that cannot train before round 1."""
     pid, num = _partition_of(context)
+    record = ConfigRecord({"partition-id": pid, "num-partitions": num})
     try:
         _partition(str(context.run_config["task"]), _data_config(context), pid, num)
     except (ValueError, OSError) as exc:
-        return _error_reply(msg, pid, exc)
-    record = ConfigRecord({"partition-id": pid, "num-partitions": num})
+        record["error"] = f"partition {pid}: {type(exc).__name__}: {exc}"
     return Message(RecordDict({"partition": record}), reply_to=msg)
 
 

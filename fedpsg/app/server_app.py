@@ -65,7 +65,9 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "[fedpsg] %s", exc)
         raise
     task = load_task(str(config["task"]))
-    partitions = discover_partitions(grid, timeout=float(config["connect-timeout"]))
+    partitions = discover_partitions(
+        grid, float(config["connect-timeout"]), int(config["min-train-nodes"])
+    )
     log(INFO, "[fedpsg] %d nodes hold partitions 0..%d", len(partitions), len(partitions) - 1)
     config["num-partitions"] = len(partitions)  # sizes the default benchmark, as on the nodes
     test_data = task.load_test(config)
@@ -181,16 +183,20 @@ def collect_statistics(
     return sum_statistics(parts)
 
 
-def discover_partitions(grid: Grid, timeout: float) -> dict[int, int]:
+def discover_partitions(grid: Grid, timeout: float, min_usable: int = 1) -> dict[int, int]:
     """Map node id -> partition id, once every partition's node has connected.
 
-    Each node answers a QUERY with its `partition-id` and `num-partitions` (node config);
-    the federation is complete when `num-partitions` distinct partitions answered. A node
-    that cannot load its partition (say, a 10-client benchmark on 2 nodes) answers with an
-    error, and the run fails here, before round 1, with that node's reason.
+    Each node answers a QUERY with its `partition-id` and `num-partitions` (node config),
+    and the reason when its partition does not load; the federation is complete when
+    `num-partitions` distinct partitions answered. A node whose data fails is a warning
+    (its rounds become error replies, the others train), but when fewer than `min_usable`
+    nodes (capped at the federation size) can load theirs - a 10-client benchmark on
+    Flower's default 2 nodes fails on every node - the run stops here, before round 1,
+    with a node's reason (which names the fix).
     """
     deadline = time.monotonic() + timeout
     partitions: dict[int, int] = {}
+    problems: dict[int, str] = {}
     expected: int | None = None
     while expected is None or len(set(partitions.values())) < expected:
         if time.monotonic() > deadline:
@@ -206,18 +212,30 @@ def discover_partitions(grid: Grid, timeout: float) -> dict[int, int]:
             Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new
         ]
         for reply in grid.send_and_receive(queries, timeout=timeout):
-            if reply.has_error():  # e.g. the benchmark does not fit the federation
-                message = f"node {reply.metadata.src_node_id}: {reply.error.reason}"
-                log(ERROR, "[fedpsg] %s", message)
-                raise RuntimeError(message)
+            if reply.has_error():
+                raise RuntimeError(
+                    f"node {reply.metadata.src_node_id} has no usable node config: "
+                    f"{reply.error.reason}"
+                )
             record = reply.content.config_records[PARTITION]
             partitions[reply.metadata.src_node_id] = int(record["partition-id"])
             expected = int(record["num-partitions"])
+            if "error" in record:
+                problems[reply.metadata.src_node_id] = str(record["error"])
+                log(WARNING, "[fedpsg] node %s: %s", reply.metadata.src_node_id, record["error"])
     duplicates = len(partitions) - len(set(partitions.values()))
     if duplicates:
         raise RuntimeError(
             f"{duplicates} nodes share a partition id: {sorted(partitions.values())}"
         )
+    usable = len(partitions) - len(problems)
+    if problems and usable < min(min_usable, len(partitions)):
+        message = (
+            f"only {usable} of {len(partitions)} nodes can load their partition: "
+            f"{next(iter(problems.values()))}"
+        )
+        log(ERROR, "[fedpsg] %s", message)
+        raise RuntimeError(message)
     return partitions
 
 
