@@ -120,3 +120,17 @@ def test_deploy_refuses_before_making_certificates_or_starting(tmp_path: Path):
     )  # fmt: skip
     assert result.exit_code == 2 and "server-ema=1.5" in result.output
     assert not (tmp_path / "run").exists()  # no certificates, no logs, no processes
+
+
+def test_server_app_checks_ranges_where_no_pyproject_ships_with_the_code(monkeypatch):
+    """A wheel install (the compose app image) has no pyproject beside the package; Flower
+    has merged the FAB's defaults into the run config, so the ranges are still checked."""
+    defaults = app_defaults()
+
+    def no_pyproject():
+        raise RunConfigError("site-packages/pyproject.toml: no [tool.flwr.app.config] table")
+
+    monkeypatch.setattr(server_app, "app_defaults", no_pyproject)
+    assert server_app.checked_config(defaults) == defaults
+    with pytest.raises(RunConfigError, match="local-epochs=0"):
+        server_app.checked_config({**defaults, "local-epochs": 0})

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpsg.app.config import (
     RunConfigError,
+    app_defaults,
     ignored_keys,
     output_dir,
     seed_everything,
@@ -85,11 +86,15 @@ def checked_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     deployment's `flwr run` reach the ServerApp without the launcher's check): a bad one
     fails the run with one logged line; keys the strategy ignores get a warning."""
     try:
-        config = validate_run_config(run_config)
+        defaults = app_defaults()
+    except RunConfigError:  # installed from a wheel: no pyproject beside the code, but Flower
+        defaults = dict(run_config)  # merged the FAB's defaults, so every key is one of them
+    try:
+        config = validate_run_config(run_config, defaults)
     except RunConfigError as exc:
         log(ERROR, "[fedpsg] %s", exc)
         raise
-    for key in ignored_keys(config):
+    for key in ignored_keys(config, defaults):
         log(WARNING, "[fedpsg] run config %s=%r: strategy %s ignores it", key, config[key],
             config["strategy"])  # fmt: skip
     return config
