@@ -28,10 +28,19 @@ Ray), in its own worker process with one torch thread, `--workers` at a time, th
 `--device` (`cuda` spreads workers over the visible GPUs). Finished jobs are rows of
 `<results>/<name>.json`, rewritten after every job; `--resumable` skips the jobs already
 there, stops starting jobs that would not end inside `--budget-s`, and stops the run at the
-budget, so a grid runs across several time-limited calls:
+budget. Federations checkpoint every round (`checkpoint`, `resume`): at the budget the
+unfinished ones' run folders (checkpoint, metrics so far) are packed into
+`<results>/unfinished-<i>.tar` (at most `--pack-mib` each), and `--unpack DIR` puts them back
+before the next call's jobs start, which then continue after their last round, exactly as an
+uninterrupted run (`tests/test_resume.py`). So a grid runs across several time-limited calls:
 
-    python -m bench.exp_fl_psg --tiers 1 --workers 16 --resumable --budget-s 540
+    python -m bench.exp_fl_psg --tiers 1 --workers 8 --resumable --budget-s 540
+    python -m bench.exp_fl_psg --tiers 1 --workers 8 --resumable --budget-s 540 --unpack prev/
     python -m bench.exp_fl_psg --tiers 1,2,3,curve --only motifs --workers 2
+
+Workers: on the 16-core H200 machine one MOTIFS federation took 344 s with 8 running and
+about 730 s with 16 (hyperthreads and memory shared): the same throughput, so 8 workers
+finish jobs inside a 10-minute call where 16 do not.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -134,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resumable", action="store_true", help="skip jobs already in the results")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="wall-clock budget")
     p.add_argument("--cost-scale", type=float, default=1.0, help="scales COST_S (other machine)")
+    p.add_argument("--pack-mib", type=float, default=15.0, help="size of an unfinished-*.tar")
+    p.add_argument("--unpack", type=Path, help="folder of unfinished-*.tar from the last call")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--per-round", type=int, default=5)
     p.add_argument("--rounds", type=int, default=100)
@@ -193,6 +205,8 @@ def run_config(args: argparse.Namespace, bench: Path, name: str) -> dict:
         "rho": args.rho,
         "eval-every": args.eval_every,
         "device": args.device,
+        "checkpoint": method != "CL",  # every round; a killed federation resumes from it
+        "resume": method != "CL",
     }
 
 
@@ -208,7 +222,7 @@ def run_job(args: argparse.Namespace, name: str) -> dict:
     """One federation (or the CL run) -> its result row (final metrics, a short history)."""
     torch.set_num_threads(1)
     partition, model, method, prior, seed = name.split("/")
-    out = args.out.resolve() / "runs" / name.replace("=", "")
+    out = job_dir(args, name)
     start = time.perf_counter()
     if method == "CL":
         # The split precedes partitioning: every partition of a seed pools the same images.
@@ -280,32 +294,39 @@ def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
             f"{scale * stat['max']:.{digits}f}]")  # fmt: skip
 
 
-def effects(table: list[dict]) -> list[str]:
-    """FedAvg iid / CL and shard / iid (R@100, mR@100) beside FL-PSG's ratios, read only
-    where the seed ranges of the two cells do not overlap."""
-    by = {(c["partition"], c["model"], c["method"], c["prior"]): c for c in table}
+def effects(rows: list[dict]) -> list[str]:
+    """FedAvg iid / CL and shard / iid (R@100, mR@100) beside FL-PSG's ratios. The ratio is
+    taken per seed (both runs share the seed's test split) and read only where every seed's
+    ratio lies on the same side of 1."""
+    by = {(r["partition"], r["model"], r["method"], r["prior"], r["seed"]): r for r in rows}
 
-    def reading(a: dict | None, b: dict | None, key: str) -> str:
-        if not a or not b or key not in a or key not in b:
+    def reading(a: tuple, b: tuple, key: str) -> str:
+        ratios = [
+            by[(*a, seed)][key] / by[(*b, seed)][key]
+            for seed in sorted({r["seed"] for r in rows})
+            if (*a, seed) in by and (*b, seed) in by and by[(*b, seed)][key] > 0
+        ]
+        if not ratios:
             return "-"
-        ratio = a[key]["mean"] / b[key]["mean"]
-        if a[key]["min"] > b[key]["max"]:
-            return f"{ratio:.2f} (higher)"
-        if a[key]["max"] < b[key]["min"]:
-            return f"{ratio:.2f} (lower)"
-        return f"{ratio:.2f} (ranges overlap: no reading)"
+        text = f"{statistics.fmean(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+        if min(ratios) > 1:
+            return f"{text} higher"
+        if max(ratios) < 1:
+            return f"{text} lower"
+        return f"{text} no reading"
 
     lines = [
-        "| model | prior | FedAvg iid / CL, R@100 | mR@100 | FL-PSG Random / CL (R, mR) "
+        "| model | prior | seeds | FedAvg iid / CL, R@100 | mR@100 | FL-PSG Random / CL (R, mR) "
         "| shard / iid, R@100 | mR@100 | FL-PSG Shard / Random (R, mR) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for prior in ("federated", "none"):
         for model in MODELS:
-            cl = by.get(("pooled", model, "CL", CL_PRIOR[prior]))
-            iid = by.get(("iid", model, "fedavg", prior))
-            shard = by.get(("shard", model, "fedavg", prior))
-            if not iid:
+            cl = ("pooled", model, "CL", CL_PRIOR[prior])
+            iid, shard = ("iid", model, "fedavg", prior), ("shard", model, "fedavg", prior)
+            seeds = sorted(r["seed"] for r in rows if (r["partition"], r["model"], r["method"],
+                                                       r["prior"]) == iid)  # fmt: skip
+            if not seeds:
                 continue
             ref = FL_PSG.get(model)
             ref_cl = ref_shard = "-"
@@ -314,9 +335,10 @@ def effects(table: list[dict]) -> list[str]:
                 ref_cl = f"{rr / cr:.2f}, {rm / cm:.2f}"
                 ref_shard = f"{sr / rr:.2f}, {sm / rm:.2f}"
             lines.append(
-                f"| {model} | {prior} | {reading(iid, cl, 'R@100')} | {reading(iid, cl, 'mR@100')}"
-                f" | {ref_cl} | {reading(shard, iid, 'R@100')} | {reading(shard, iid, 'mR@100')}"
-                f" | {ref_shard} |"
+                f"| {model} | {prior} | {','.join(map(str, seeds))} "
+                f"| {reading(iid, cl, 'R@100')} | {reading(iid, cl, 'mR@100')} | {ref_cl} "
+                f"| {reading(shard, iid, 'R@100')} | {reading(shard, iid, 'mR@100')} "
+                f"| {ref_shard} |"
             )
     return lines
 
@@ -363,9 +385,49 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
             f"| {c['prior']} | {seeds} | {values} | {c['wall_s']['mean']:.0f} "
             f"| {'; '.join(sorted(machines[key]))} |"
         )
-    lines += ["", "Effect directions (ratios of means; read only where seed ranges part):", ""]
-    lines += effects(table)
+    lines += ["", "Effect directions: per-seed ratios, mean [min, max]; a direction is read only "
+              "where every seed's ratio lies on the same side of 1 (FL-PSG's ratios from its "
+              "SGDet table, single runs):", ""]  # fmt: skip
+    lines += effects(rows)
     (args.results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+
+
+def job_dir(args: argparse.Namespace, name: str) -> Path:
+    return args.out.resolve() / "runs" / name.replace("=", "")
+
+
+def pack_unfinished(args: argparse.Namespace, names: list[str]) -> list[Path]:
+    """The run folders of stopped federations (checkpoint, metrics so far; no plots or final
+    model) in tar files of at most `--pack-mib`, for the next call's `--unpack`."""
+    files = []
+    for name in names:
+        root = job_dir(args, name)
+        if (root / "checkpoints" / "checkpoint.npz").exists():
+            files += [f for f in root.rglob("*") if f.is_file() and "plots" not in f.parts
+                      and f.name != "final_model.pt"]  # fmt: skip
+    chunks: list[list[Path]] = []
+    limit, size = args.pack_mib * 2**20, 0.0
+    for path in files:
+        if not chunks or size + path.stat().st_size > limit:
+            chunks.append([])
+            size = 0.0
+        chunks[-1].append(path)
+        size += path.stat().st_size
+    packs = []
+    args.results.mkdir(parents=True, exist_ok=True)
+    for i, chunk in enumerate(chunks):
+        packs.append(args.results / f"unfinished-{i}.tar")
+        with tarfile.open(packs[-1], "w") as tar:
+            for path in chunk:
+                tar.add(path, arcname=str(path.relative_to(args.out.resolve())))
+    return packs
+
+
+def unpack(args: argparse.Namespace) -> None:
+    """Put the last call's stopped federations back under `--out`."""
+    for pack in sorted(args.unpack.glob("unfinished-*.tar")):
+        with tarfile.open(pack) as tar:
+            tar.extractall(args.out.resolve(), filter="data")
 
 
 def estimate_s(rows: list[dict], model: str, method: str, scale: float = 1.0) -> float:
@@ -383,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(json.dumps(row) + "\n")
         return
     start = time.monotonic()
+    if args.unpack:
+        unpack(args)
     results = args.results / f"{args.name}.json"
     rows = load_rows(results) if args.resumable else []
     done = {r["job"] for r in rows}
@@ -403,8 +467,10 @@ def main(argv: list[str] | None = None) -> None:
                     break
                 _, model, method, _, _ = name.split("/")
                 left = args.budget_s - (time.monotonic() - start)
-                if args.resumable and estimate_s(rows, model, method, args.cost_scale) * 1.1 > left:
-                    continue  # would not finish inside the budget: left for the next call
+                if left < 120:
+                    continue  # too late to reach a first checkpoint
+                if method == "CL" and estimate_s(rows, model, method, args.cost_scale) * 1.1 > left:
+                    continue  # a CL run does not checkpoint: left for the next call
                 pending.remove(name)
                 slot = slots.pop()
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -422,7 +488,10 @@ def main(argv: list[str] | None = None) -> None:
             if time.monotonic() - start > args.budget_s:
                 for name, (proc, _) in running.items():
                     proc.kill()
+                    proc.wait()
                     bar.write(f"{name}: stopped at the budget")
+                packs = pack_unfinished(args, list(running))
+                bar.write(f"packed {len(packs)} file(s) of unfinished runs: {packs}")
                 break
             for name, (proc, _) in list(running.items()):
                 if proc.poll() is None:

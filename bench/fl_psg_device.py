@@ -6,7 +6,7 @@ cores alike; the device whose jobs finished faster per worker runs the grid for 
 the budget (`bench.exp_fl_psg --resumable`), and the probe's numbers (each job's time
 extended to 100 rounds) go to `probe.json`.
 
-    python -m bench.fl_psg_device --out $OUT --budget-s 540 --tiers 1 --workers 16
+    python -m bench.fl_psg_device --out $OUT --budget-s 540 --tiers 1 --workers 8
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/fl_psg"))
     p.add_argument("--budget-s", type=float, default=540)
     p.add_argument("--tiers", default="1")
-    p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--workers", type=int, default=8, help="8 on the 16-core H200 machine")
     p.add_argument("--probe-rounds", type=int, default=5)
     p.add_argument("--device", default="auto", help="auto (probe) | cpu | cuda")
     p.add_argument("--results", type=Path, help="results folder to resume from")
