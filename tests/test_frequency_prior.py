@@ -17,7 +17,7 @@ from fedpsg.psg.data import GEOMETRY_DIM, PAIR_GEOMETRY_DIM, collate
 from fedpsg.psg.models import ModelSpec, build_model
 from fedpsg.psg.task import PAIR_COUNTS, benchmark_from_config, load_scenes, model_spec
 from fedpsg.psg.train import evaluate, frequency_prior, log_prior, pair_counts
-from fedpsg.run.simulate import simulate_in_process
+from fedpsg.run.simulate import simulate, simulate_in_process
 from strategies.local_grid import LocalGrid
 
 NUM_CLIENTS = 4
@@ -166,3 +166,22 @@ def test_imp_takes_the_optional_bias():
     s, o = batch.labels[batch.pairs[:, 0]], batch.labels[batch.pairs[:, 1]]
     delta = biased(batch).predicate_logits - plain(batch).predicate_logits
     assert torch.allclose(delta, prior[s, o], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_round_runs_through_a_superlink(benchmark_dir, tmp_path):
+    """The `query.statistics` action through a real SuperLink (`flwr run`, Ray): round 0
+    scores as the frequency baseline on the pooled prior, as in process."""
+    train, test = pooled(benchmark_dir)
+    spec = model_spec(benchmark_from_config({"benchmark-dir": str(benchmark_dir)}), False)
+    baseline = evaluate(
+        build_model("frequency", spec, frequency_prior(train, spec.num_classes,
+                                                       spec.num_predicates)), test
+    )  # fmt: skip
+    cfg = config(benchmark_dir, **{"frequency-prior": "federated"})
+    code = simulate(cfg, NUM_CLIENTS, tmp_path / "out", flwr_home=tmp_path / "flwr",
+                    stream=False, timeout=600)  # fmt: skip
+    assert code == 0, (tmp_path / "out" / "flwr_run.log").read_text()[-2000:]
+    row = json.loads((tmp_path / "out" / "metrics.json").read_text())["rounds"][0]["server"]
+    assert row["R@50"] == pytest.approx(baseline["R@50"], abs=1e-12)
+    assert row["mR@50"] == pytest.approx(baseline["mR@50"], abs=1e-12)
