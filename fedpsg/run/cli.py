@@ -43,6 +43,9 @@ def centralized(
     batch_size: int = 16,
     seed: int = 0,
     hidden_dim: int = 64,
+    frequency_prior: Annotated[
+        str, typer.Option(help="pooled (the prior a federation's statistics round sums) | none")
+    ] = "pooled",
 ) -> None:
     """Train the centralized (CL) baseline on the pooled client data; print its R@K / mR@K."""
     from rich.console import Console
@@ -61,6 +64,7 @@ def centralized(
         "batch-size": batch_size,
         "seed": seed,
         "model-hidden-dim": hidden_dim,
+        "frequency-prior": frequency_prior,
     }
     console = Console(stderr=True)
     with Progress(console=console, transient=True) as progress:
