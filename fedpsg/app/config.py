@@ -255,6 +255,7 @@ RULES: dict[str, Rule] = {
     "connect-timeout": _interval(0, closed="(]"),
     "mode": _one_of("predcls", "sgcls"),
     "features": _one_of("auto", "geometry", "visual"),
+    "model-hidden-dim": _at_least(0),
     "proximal-mu": _interval(0),
     "rho": _interval(0),
     "server-lr": _interval(0, closed="(]"),

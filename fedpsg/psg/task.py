@@ -94,11 +94,11 @@ def model_spec(benchmark: Benchmark, visual: bool) -> ModelSpec:
 
 
 def model_hparams(config: RunConfig) -> dict[str, Any]:
-    """`model-hidden-dim = 64` -> {"hidden_dim": 64}."""
+    """`model-hidden-dim = 64` -> {"hidden_dim": 64}; a 0 leaves the model's own default."""
     return {
         key[len(_MODEL_PREFIX) :].replace("-", "_"): value
         for key, value in config.items()
-        if key.startswith(_MODEL_PREFIX)
+        if key.startswith(_MODEL_PREFIX) and value != 0
     }
 
 

@@ -42,7 +42,9 @@ def centralized(
     momentum: float = 0.0,
     batch_size: int = 16,
     seed: int = 0,
-    hidden_dim: int = 64,
+    hidden_dim: Annotated[
+        int, typer.Option(help="Relation-model width; 0 = the model's own default.")
+    ] = 0,
     frequency_prior: Annotated[
         str, typer.Option(help="pooled (the prior a federation's statistics round sums) | none")
     ] = "pooled",
