@@ -1,4 +1,4 @@
-"""The local federation, started from docker-compose.yml: it replays a Ray simulation exactly,
+"""The local federation, started from docker-compose.yml: it replays the in-process engine,
 survives losing a SuperNode mid-run, and turns a badly configured node into a named error.
 
 Every federation here is Flower's own deployment engine: a SuperLink, a SuperExec for the
@@ -33,7 +33,7 @@ from fedpsg.run.deploy import (
     plan_federation,
 )
 from fedpsg.run.processes import free_port
-from fedpsg.run.simulate import simulate
+from fedpsg.run.simulate import simulate_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -101,9 +101,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_local_federation_replays_the_simulation(benchmark, tmp_path):
+def test_local_federation_replays_the_in_process_engine_with_sampling(benchmark, tmp_path):
+    """2 of the 3 nodes train per round: the deployment samples the partitions the in-process
+    engine samples (which replays the Ray simulation: tests/test_sampling_replay.py) and
+    ends with the same metrics."""
+    sampling = {"fraction-train": 0.5, "num-server-rounds": 3}
     run_dir = tmp_path / "deploy"
-    code, _ = run_federation(benchmark, run_dir)
+    code, _ = run_federation(benchmark, run_dir, **sampling)
     flwr_log = (run_dir / "logs" / "flwr-run.log").read_text()
     assert code == 0, flwr_log[-3000:]
 
@@ -113,16 +117,17 @@ def test_local_federation_replays_the_simulation(benchmark, tmp_path):
     for name, record in services.items():
         assert Path(record["log"]).stat().st_size > 0, name
         assert not _alive(record["pid"]), f"{name} (pid {record['pid']}) still running"
-    assert "3 usable replies, 0 left out" in flwr_log
+    assert "2 usable replies, 0 left out" in flwr_log
 
-    sim_dir = tmp_path / "simulation"
-    sim_config = {**RUN, "benchmark-dir": str(benchmark)}
-    assert simulate(sim_config, NODES, sim_dir, flwr_home=tmp_path / "sim-home", timeout=TIMEOUT,
-                    stream=False) == 0  # fmt: skip
+    local_dir = tmp_path / "in-process"
+    simulate_in_process({**RUN, **sampling, "benchmark-dir": str(benchmark)}, NODES, local_dir)
 
-    deployed, simulated = metrics(run_dir / "results"), metrics(sim_dir)
-    assert [r["round"] for r in deployed] == [r["round"] for r in simulated] == [0, 1, 2]
-    for ours, theirs in zip(deployed, simulated, strict=True):
+    deployed, local = metrics(run_dir / "results"), metrics(local_dir)
+    assert [r["round"] for r in deployed] == [r["round"] for r in local] == [0, 1, 2, 3]
+    assert [r["sampled"] for r in deployed] == [r["sampled"] for r in local]
+    samples = [tuple(r["sampled"]["train"]) for r in deployed[1:]]
+    assert all(len(s) == 2 for s in samples) and len(set(samples)) > 1
+    for ours, theirs in zip(deployed, local, strict=True):
         assert ours["server"].keys() == theirs["server"].keys()
         for key, value in ours["server"].items():
             assert value == pytest.approx(theirs["server"][key], rel=1e-5, abs=1e-7), key

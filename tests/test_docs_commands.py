@@ -9,8 +9,9 @@ a sandbox FLWR_HOME. Sizes are cut by fixed rules so the whole file takes minute
 - `fedpsg simulate` runs with `--engine in-process` (the same ServerApp and ClientApps; the
   Ray path is run by tests/test_first_contact.py, test_ray_cluster.py, test_psg_federation.py);
 - placeholders: `/abs/path/benchmark` and `fedpsg simulate ...` -> a small synthetic
-  benchmark, `[--tls]` -> dropped, `psg.json.gz` / `fl_psg_word_categorized.json` /
-  `../shared/data/` -> the real annotations in ../shared/data.
+  benchmark, `[--tls]` -> dropped, `psg.json.gz` and `../shared/data/psg_annotations.json.gz`
+  -> the first 2,000 images of the real annotations, `fl_psg_word_categorized.json` /
+  `../shared/data/` -> ../shared/data.
 
 Skipped, each with its reason (SKIP): Docker and compose commands, the suite itself
 (`make test`), commands that need a SuperLink the reader runs, and blocks that start with
@@ -21,6 +22,8 @@ unless FEDPSG_DOCS_DEPLOY=1, `fedpsg deploy local` commands are dropped from the
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 import subprocess
@@ -39,7 +42,8 @@ SKIP = {
     "make test": "the test suite itself (CI runs it)",
     "make demo": "a Ray run of minutes with fixed sizes; tests/test_first_contact.py runs the "
     "same Flower app through plain `flwr run .`",
-    "docker ": "needs a Docker engine (tests/test_compose.py runs the compose federation)",
+    "docker ": "needs a Docker engine (tests/test_docker_compose.py runs the compose federation "
+    "in containers)",
     "make images": "builds the compose images: needs a Docker engine",
     "fedpsg certs certs --nodes 3": "a Docker recipe (chown to the Flower images' uid)",
     "export FLWR_HOME": "needs a SuperLink the reader runs (`<connection>`)",
@@ -62,8 +66,8 @@ SIZES = [
     (re.compile(r"--rounds \d+"), "--rounds 1"),
     (re.compile(r"--epochs \d+"), "--epochs 1"),
     (re.compile(r" \[--tls\]"), ""),
+    (re.compile(r"\.\./shared/data/psg_annotations\.json\.gz"), "psg.json.gz"),
     (re.compile(r"\.\./shared/data/"), f"{SHARED_DATA}/"),
-    (re.compile(r"(?<![\w/.-])psg\.json\.gz"), str(SHARED_DATA / "psg_annotations.json.gz")),
     (
         re.compile(r"(?<![\w/.-])fl_psg_word_categorized\.json"),
         str(SHARED_DATA / "fl_psg_word_categorized.json"),
@@ -91,13 +95,14 @@ def skip_reason(block: str) -> str | None:
     return next((why for start, why in SKIP.items() if first.startswith(start)), None)
 
 
-def shrink(block: str, benchmark: Path) -> str:
+def shrink(block: str, benchmark: Path, annotations: Path) -> str:
     """The block with the size rules and placeholders of the module docstring applied."""
     block = DROPPED.sub("", block.replace("\\\n", " "))  # continuation lines joined first
     block = block.replace("/abs/path/benchmark", str(benchmark))
     block = block.replace("fedpsg simulate ...", f"fedpsg simulate {benchmark}")
     for pattern, replacement in SIZES:
         block = pattern.sub(replacement, block)
+    block = re.sub(r"(?<![\w/.-])psg\.json\.gz", str(annotations), block)
     return re.sub(r"^fedpsg simulate \S+.*$", _in_process, block, flags=re.M)
 
 
@@ -118,6 +123,19 @@ def benchmark(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def annotations(tmp_path_factory) -> Path:
+    """What `psg.json.gz` stands for: the first 2,000 images of the real annotations (the
+    whole 24k-image file costs a cold embedding of 12k triplet texts per block)."""
+    with gzip.open(SHARED_DATA / "psg_annotations.json.gz", "rt") as handle:
+        doc = json.load(handle)
+    doc["data"] = doc["data"][:2000]
+    path = tmp_path_factory.mktemp("annotations") / "psg.json.gz"
+    with gzip.open(path, "wt") as handle:
+        json.dump(doc, handle)
+    return path
+
+
+@pytest.fixture(scope="module")
 def sandboxes(tmp_path_factory) -> dict[Path, Path]:
     """One working folder per document, shared by its blocks."""
     return {doc: tmp_path_factory.mktemp(doc.stem) for doc in DOCS}
@@ -128,7 +146,7 @@ def sandboxes(tmp_path_factory) -> dict[Path, Path]:
     blocks(),
     ids=[f"{doc.relative_to(ROOT)}:{line}" for doc, line, _ in blocks()],
 )
-def test_documented_commands_run(doc, line, block, benchmark, sandboxes):
+def test_documented_commands_run(doc, line, block, benchmark, annotations, sandboxes):
     reason = skip_reason(block)
     if reason:
         pytest.skip(reason)
@@ -139,7 +157,7 @@ def test_documented_commands_run(doc, line, block, benchmark, sandboxes):
         "FLWR_HOME": str(sandbox / ".flwr"),
         "COLUMNS": "200",
     }
-    script = shrink(block, benchmark)
+    script = shrink(block, benchmark, annotations)
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=sandbox, env=env, capture_output=True, text=True, timeout=600, check=False,

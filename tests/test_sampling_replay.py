@@ -148,27 +148,5 @@ def test_ray_and_in_process_sample_the_same_partitions_every_round(bench200, tmp
     assert rounds(ray_dir)[-1]["server"]["R@50"] > rounds(ray_dir)[0]["server"]["R@50"]
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-def test_a_deployment_samples_as_the_in_process_engine(tmp_path):
-    from test_deploy_local import run_federation
-
-    nodes = 3  # the compose file's federation
-    bench = build_synthetic_benchmark(
-        tmp_path / "data", 48, 3, with_pixels=False, num_clients=nodes, partition="iid",
-        alpha=None, num_clusters=2, seed=0,
-        featurizer_options={"cache_dir": str(tmp_path / "cache")},
-    )  # fmt: skip
-    options = {"model": "frequency", "fraction-train": 0.5, "num-server-rounds": ROUNDS,
-               "min-train-nodes": 2, "batch-size": 4}  # fmt: skip
-    code, _ = run_federation(bench, tmp_path / "deploy", **options)
-    deployed = tmp_path / "deploy" / "results"
-    assert code == 0, (tmp_path / "deploy" / "logs" / "flwr-run.log").read_text()[-3000:]
-
-    from test_deploy_local import RUN as DEPLOY_RUN
-
-    local = tmp_path / "in-process"
-    simulate_in_process({**DEPLOY_RUN, **options, "benchmark-dir": str(bench)}, nodes, local)
-    assert_same_run(deployed, local)
-    samples = [r["sampled"]["train"] for r in rounds(deployed)[1:]]
-    assert all(len(s) == 2 for s in samples) and len({tuple(s) for s in samples}) > 1
+# The deployment engine's replay of the in-process engine under sampling:
+# tests/test_deploy_local.py::test_local_federation_replays_the_in_process_engine_with_sampling.
