@@ -10,6 +10,7 @@ Run-config keys (all optional): `data` ("digits" | "folder:/path" | "parquet:/pa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -171,30 +172,36 @@ class DiffusionTask:
         configs: Sequence[Config],
         incoming: Sequence[Mapping[str, ArrayDict]],
         states: Sequence[dict[str, ArrayDict]],
+        *,
+        device: torch.device | str | None = None,
     ) -> list[tuple[int, dict[str, float], dict[str, ArrayDict]]]:
-        """`train` for a round's clients at once (`strategies.batched`), on a CUDA device
-        with the step replayed from a CUDA graph; each entry is what `train` returns for
-        that client. The clients share every run-config setting but their seed."""
+        """`train` for a round's clients at once (`strategies.batched`), on `device` (None:
+        the run config's), with the step replayed from a CUDA graph on a GPU; each entry is
+        what `train` returns for that client. The clients share every run-config setting
+        but their seed. A CUDA `device` becomes the calling thread's current device, so
+        that one thread per GPU can each train a share of a round's clients."""
         config = configs[0]
-        device = _device(config)
+        device = _device(config) if device is None else torch.device(device)
         homes = [next(m.parameters()).device for m in models]
-        for model in models:
-            model.to(device)
-        batches = [
-            _round_batches(d, c, s, device) for d, c, s in zip(datas, configs, states, strict=True)
-        ]
-        results = train_local_stacked(
-            models,
-            batches,
-            DenoisingLoss(make_scheduler(int(_get(config, "diffusion-steps")))),
-            halves,
-            incoming,
-            states,
-            epochs=int(_get(config, "local-epochs")),
-            cuda_graph=device.type == "cuda",
-        )
-        for model, home in zip(models, homes, strict=True):
-            model.to(home)
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            for model in models:
+                model.to(device)
+            batches = [
+                _round_batches(d, c, s, device)
+                for d, c, s in zip(datas, configs, states, strict=True)
+            ]
+            results = train_local_stacked(
+                models,
+                batches,
+                DenoisingLoss(make_scheduler(int(_get(config, "diffusion-steps")))),
+                halves,
+                incoming,
+                states,
+                epochs=int(_get(config, "local-epochs")),
+                cuda_graph=device.type == "cuda",
+            )
+            for model, home in zip(models, homes, strict=True):
+                model.to(home)
         return [
             (len(d.images), {"train_loss": loss}, outgoing)
             for d, (loss, outgoing) in zip(datas, results, strict=True)

@@ -15,10 +15,14 @@ config) where the node keeps its files.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -30,15 +34,18 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedpsg.app.config import WEIGHT, client_config, seed_everything
-from fedpsg.app.task import STATISTICS, Statistics, Task, load_task
+from fedpsg.app.task import STATISTICS, BatchedTraining, Statistics, Task, load_task
 from strategies import client_half
-from strategies.base import optimizer_options
+from strategies.base import ArrayDict, ClientHalf, optimizer_options
 from strategies.server import STATE_DIR, STATE_ID, to_numpy, to_record
 from strategies.state import ClientStateStore
 
 ARRAYS = "arrays"  # the model's ArrayRecord, as Flower's strategies name it
+Result = tuple[int, dict[str, float], dict[str, ArrayDict]]  # what `Task.train` returns
 
 app = ClientApp()
 
@@ -76,10 +83,89 @@ def statistics(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's partition with the strategy's
     client half; reply with the new weights, metrics and the half's extra arrays."""
+    client = _prepare(msg, context)
+    if isinstance(client, Message):
+        return client
+    return _finish(client, client.task.train(*client.train_args()))
+
+
+def batch_devices(run_config: Mapping[str, Any]) -> list[str]:
+    """The devices `train_batch` spreads a round's clients over, one `train_many` call
+    each, under this run config; empty when the clients train one by one (`train`).
+
+    `batch-clients`: "off" never batches; "on" always does (on a CPU too); "auto" does
+    when the task has `train_many` and trains on CUDA. Device "cuda" (or "auto" with a GPU
+    visible) means every visible GPU; "cuda:N" that one.
+    """
+    mode, device = str(run_config["batch-clients"]), str(run_config["device"])
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    batched = isinstance(_task(str(run_config["task"])), BatchedTraining)
+    if mode == "off" or (mode == "auto" and not (batched and device.startswith("cuda"))):
+        return []
+    count = torch.cuda.device_count() if device == "cuda" else 0
+    return [f"cuda:{i}" for i in range(count)] if count else [device]
+
+
+def train_batch(
+    pairs: Sequence[tuple[Message, Context]], devices: Sequence[str] = ("cpu",)
+) -> list[Message]:
+    """`train` for many (message, context) pairs of one run, one reply each, in order.
+
+    The clients whose task has `train_many` are split evenly over `devices` and train in
+    one `train_many` call per device, each in its own thread (torch releases the GIL inside
+    CUDA calls); any others train one by one. A client that cannot be prepared gets its
+    error reply, as from `train`; when a call raises, each of its clients gets an error
+    reply and the rest of the round goes on.
+    """
+    clients = [_prepare(msg, context) for msg, context in pairs]
+    ready = [c for c in clients if isinstance(c, _Client)]
+    many = [c for c in ready if isinstance(c.task, BatchedTraining)]
+    num = len(devices)
+    shares = [many[i * len(many) // num : (i + 1) * len(many) // num] for i in range(num)]
+    outcomes: dict[int, Result | Exception] = {}
+    # The attention backend is process-wide: `strategies.batched` asks for the math kernel
+    # (vmap has no rule for the fused ones) on every step, and concurrent threads would
+    # restore each other's earlier choice on exit; held here, it stays put for all of them.
+    with sdpa_kernel(SDPBackend.MATH), ThreadPoolExecutor(num) as pool:
+        for share, results in zip(shares, pool.map(_train_many, shares, devices), strict=True):
+            outcomes.update(zip(map(id, share), results, strict=True))
+    for client in ready:
+        if id(client) not in outcomes:
+            try:
+                outcomes[id(client)] = client.task.train(*client.train_args())
+            except Exception as exc:  # noqa: BLE001 - one client's failure is its error reply
+                outcomes[id(client)] = exc
+    return [c if isinstance(c, Message) else _reply(c, outcomes[id(c)]) for c in clients]
+
+
+@dataclass
+class _Client:
+    """A train message made ready for the task: what `Task.train` takes, and where the
+    reply and the client's state go afterwards."""
+
+    msg: Message
+    context: Context
+    pid: int
+    task: Task
+    model: nn.Module
+    data: Any
+    half: ClientHalf
+    config: dict[str, Any]
+    incoming: dict[str, ArrayDict]
+    state: dict[str, ArrayDict]
+    store: ClientStateStore | None
+
+    def train_args(self) -> tuple:
+        return self.model, self.data, self.half, self.config, self.incoming, self.state
+
+
+def _prepare(msg: Message, context: Context) -> _Client | Message:
+    """Decode a train message, read the partition and the client's state, build the model
+    with the received weights and the algorithm's client half; the error reply when the
+    partition or the state cannot be read."""
     pid, num = _partition_of(context)
-    config = client_config(
-        context.run_config, msg.content.config_records["config"], pid, num
-    )
+    config = client_config(context.run_config, msg.content.config_records["config"], pid, num)
     try:
         data = _partition(str(config["task"]), _data_config(context), pid, num)
     except (ValueError, OSError) as exc:
@@ -97,28 +183,50 @@ def train(msg: Message, context: Context) -> Message:
     )
     incoming = {k: to_numpy(r) for k, r in msg.content.array_records.items() if k != ARRAYS}
     store = _state_store(msg.content.config_records["config"], context, pid)
-    server_round = int(config["server-round"])
     try:
         state = (
             {k: to_numpy(r) for k, r in context.state.array_records.items()}
             if store is None
-            else store.load(server_round)
+            else store.load(int(config["server-round"]))
         )
     except (ValueError, OSError) as exc:
         return _error_reply(msg, pid, exc)
-    num_examples, metrics, outgoing = task.train(model, data, half, config, incoming, state)
-    if store is not None:
-        store.save(server_round, state)
-    for key, arrays in state.items():
-        context.state[key] = to_record(arrays)
+    return _Client(msg, context, pid, task, model, data, half, config, incoming, state, store)
+
+
+def _finish(client: _Client, result: Result) -> Message:
+    """Keep the client's new state and reply with its weights, metrics and extra arrays."""
+    num_examples, metrics, outgoing = result
+    if client.store is not None:
+        client.store.save(int(client.config["server-round"]), client.state)
+    for key, arrays in client.state.items():
+        client.context.state[key] = to_record(arrays)
     content = RecordDict(
         {
-            ARRAYS: ArrayRecord(model.state_dict()),
+            ARRAYS: ArrayRecord(client.model.state_dict()),
             "metrics": MetricRecord({**_floats(metrics), WEIGHT: int(num_examples)}),
             **{key: to_record(arrays) for key, arrays in outgoing.items()},
         }
     )
-    return Message(content, reply_to=msg)
+    return Message(content, reply_to=client.msg)
+
+
+def _reply(client: _Client, outcome: Result | Exception) -> Message:
+    if isinstance(outcome, Exception):
+        return _error_reply(client.msg, client.pid, outcome)
+    return _finish(client, outcome)
+
+
+def _train_many(clients: list[_Client], device: str) -> list[Result | Exception]:
+    """One `train_many` call for `clients` on `device` (nothing for none); its exception
+    stands for every client's result."""
+    if not clients:
+        return []
+    try:
+        columns = zip(*(c.train_args() for c in clients), strict=True)
+        return list(clients[0].task.train_many(*columns, device=torch.device(device)))
+    except Exception as exc:  # noqa: BLE001 - a failed call fails its clients, not the round
+        return [exc] * len(clients)
 
 
 @app.evaluate()

@@ -253,6 +253,7 @@ RULES: dict[str, Rule] = {
     "benchmark-dir": Rule(_absolute_or_empty, 'an absolute path, or "" for the default'),
     "out-dir": Rule(_absolute_or_empty, 'an absolute path, or "" for ./runs/run-<id>'),
     "connect-timeout": _interval(0, closed="(]"),
+    "batch-clients": _one_of("auto", "on", "off"),
     "mode": _one_of("predcls", "sgcls"),
     "features": _one_of("auto", "geometry", "visual"),
     "model-hidden-dim": _at_least(0),

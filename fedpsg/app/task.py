@@ -3,16 +3,19 @@
 The ServerApp and ClientApp look a task up by the run-config key `task` and call only these
 methods, so the PSG task and the diffusion task are interchangeable under every strategy.
 A task may also implement `Statistics`: the ServerApp then runs a statistics round before
-round 1 and starts every strategy's model from the clients' summed statistics.
+round 1 and starts every strategy's model from the clients' summed statistics; and
+`BatchedTraining`: an engine that holds a round's clients together (the in-process one) may
+then train them in one call per device.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from torch import nn
 
 from strategies.base import ArrayDict, ClientHalf
@@ -65,6 +68,26 @@ class Statistics(Protocol):
         self, model: nn.Module, statistics: Mapping[str, np.ndarray], config: RunConfig
     ) -> None:
         """Set `model` (freshly built) from the sum over all clients."""
+
+
+@runtime_checkable
+class BatchedTraining(Protocol):
+    """Optional task surface: many clients' local training in one call on one device, each
+    client getting what `Task.train` would give it alone (the clients share one model
+    shape and every run-config setting but their seed)."""
+
+    def train_many(
+        self,
+        models: Sequence[nn.Module],
+        datas: Sequence[Any],
+        halves: Sequence[ClientHalf],
+        configs: Sequence[RunConfig],
+        incoming: Sequence[Mapping[str, ArrayDict]],
+        states: Sequence[dict[str, ArrayDict]],
+        *,
+        device: torch.device | None = None,
+    ) -> list[tuple[int, dict[str, float], dict[str, ArrayDict]]]:
+        """`Task.train` for each client, on `device` (None: the run config's)."""
 
 
 def sum_statistics(parts: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -135,7 +135,10 @@ def simulate_in_process(
     Node `i + 1` holds partition `i`; `node_configs[i]` adds to its node config (as a
     SuperNode's `--node-config`, e.g. its own `benchmark-dir`). A ClientApp's error reaches
     the strategy as an error reply, as it does in a real federation (the strategy leaves that
-    client out). Returns the nodes' contexts, whose `state` the ClientApp kept across rounds.
+    client out). With `batch-clients` on (or "auto" on CUDA) a round's train messages go to
+    the ClientApp's `train_batch` together: one `train_many` call per device, over every
+    visible GPU when `device` is "cuda". Returns the nodes' contexts, whose `state` the
+    ClientApp kept across rounds.
     Flower is imported here, not at module level: the Ray path only drives the `flwr` CLI.
     """
     from flwr.app import Context, Message, RecordDict
@@ -151,17 +154,29 @@ def simulate_in_process(
         node_config.update((node_configs or {}).get(i, {}))
         contexts[i + 1] = Context(i + 1, i + 1, node_config, RecordDict(), config)
 
+    def content(reply: Message, context: Context) -> RecordDict | RuntimeError:
+        if reply.has_error():
+            pid = context.node_config["partition-id"]
+            return RuntimeError(f"partition {pid}: {reply.error.reason}")
+        return reply.content
+
     def node(context: Context):
         def handle(message: Message) -> RecordDict:
-            reply = client_app.app(message, context)
-            if reply.has_error():
-                raise RuntimeError(f"partition {context.node_config['partition-id']}: "
-                                   f"{reply.error.reason}")  # fmt: skip
-            return reply.content
+            reply = content(client_app.app(message, context), context)
+            if isinstance(reply, RuntimeError):
+                raise reply
+            return reply
 
         return handle
 
-    grid = LocalGrid({node_id: node(context) for node_id, context in contexts.items()})
+    def train_round(messages: list[Message]) -> list[RecordDict | RuntimeError]:
+        pairs = [(m, contexts[m.metadata.dst_node_id]) for m in messages]
+        replies = client_app.train_batch(pairs, devices)
+        return [content(r, c) for r, (_, c) in zip(replies, pairs, strict=True)]
+
+    devices = client_app.batch_devices(config)
+    nodes = {node_id: node(context) for node_id, context in contexts.items()}
+    grid = LocalGrid(nodes, batch=train_round if devices else None)
     server_app.main(grid, Context(0, 0, {}, RecordDict(), config))
     return contexts
 
