@@ -6,12 +6,14 @@ one GPU and, with `--gpus 2`, the round's clients split over two GPUs (one threa
 Each setting runs the same short federation in this process through
 `fedpsg.run.simulate.simulate_in_process` (the real ServerApp and ClientApp): FedAvg, every
 client sampled every round, `--local-epochs` local epochs, the server evaluating the global
-model before round 1 and after the last only. Reported per setting: wall seconds per round
-(median over the rounds after the first, which warms up: CUDA graphs, cuDNN plans, data
-loading), training images per second over those rounds, peak GPU memory per GPU, and the
-largest weight difference of the final global model from the per-client run (the engines
-train the same clients from the same seeds). Writes `<out>/gpu_federation.{json,md}` with the
-card's name.
+model only before round 1 and after the last (inside the last round's time). Reported per
+setting: wall seconds per round (median over the rounds after the first, which warms up:
+CUDA graphs, cuDNN plans, data loading), training images per second over those rounds, peak
+GPU memory per GPU, the largest weight difference of the final global model from the
+per-client run's (the engines train the same clients from the same seeds), and the number of
+error replies (a failed `train_many`, say a CUDA-graph capture broken by the other GPU's
+thread, fails its clients instead of the run: a row with errors is no valid timing). Writes
+`<out>/gpu_federation.{json,md}` with the card's name.
 
     python -m bench.bench_gpu_federation                       # 1 GPU: off vs on
     python -m bench.bench_gpu_federation --gpus 2              # and on over 2 GPUs
@@ -119,8 +121,8 @@ def table(rows: list[dict], header: str) -> str:
         header,
         "",
         "| setting | train devices | s / round | images / s | vs per-client | peak GiB per GPU "
-        "| max weight diff |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| max weight diff | client errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         peak = ", ".join(f"{p:.2f}" for p in row["peak_gib"]) or "-"
@@ -128,7 +130,7 @@ def table(rows: list[dict], header: str) -> str:
             f"| {row['setting']} | {', '.join(row['train_devices'])} | "
             f"{row['median_round_s']:.3f} | {row['images_per_s']:.0f} | "
             f"{base['median_round_s'] / row['median_round_s']:.2f}x | {peak} | "
-            f"{row['max_weight_diff']:.1e} |"
+            f"{row['max_weight_diff']:.1e} | {row['client_errors']} |"
         )
     return "\n".join(lines) + "\n"
 
