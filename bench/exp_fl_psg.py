@@ -38,6 +38,10 @@ uninterrupted run (`tests/test_resume.py`). So a grid runs across several time-l
     python -m bench.exp_fl_psg --tiers 1 --workers 8 --resumable --budget-s 540 --unpack prev/
     python -m bench.exp_fl_psg --tiers 1,2,3,curve --only motifs --workers 2
 
+Calls on several machines write several results files; `--merge A.json B.json` adds their
+rows (a job already in the results is kept) and rewrites the tables. A resumed federation's
+"job s" is its compute time summed over the calls it ran in.
+
 Workers: on the 16-core H200 machine one MOTIFS federation took 344 s with 8 running and
 about 730 s with 16 (hyperthreads and memory shared): the same throughput, so 8 workers
 finish jobs inside a 10-minute call where 16 do not.
@@ -46,6 +50,7 @@ finish jobs inside a 10-minute call where 16 do not.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -146,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cost-scale", type=float, default=1.0, help="scales COST_S (other machine)")
     p.add_argument("--pack-mib", type=float, default=15.0, help="size of an unfinished-*.tar")
     p.add_argument("--unpack", type=Path, help="folder of unfinished-*.tar from the last call")
+    p.add_argument("--merge", type=Path, nargs="+", help="add these results files' rows, write")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--per-round", type=int, default=5)
     p.add_argument("--rounds", type=int, default=100)
@@ -263,6 +269,29 @@ def load_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
+def job_seconds(row: dict) -> float:
+    """A job's compute time over all the calls it ran in: a resumed federation's round
+    times restart from zero in each call, so the last time before every restart adds up."""
+    elapsed = row["elapsed_s"]
+    if row["method"] == "CL" or not elapsed:
+        return row["wall_s"]
+    ends = [a for a, b in itertools.pairwise(elapsed) if b < a]
+    return sum(ends) + elapsed[-1]
+
+
+def merge(args: argparse.Namespace) -> None:
+    """Add the rows of `--merge` files that the results lack; rewrite the tables."""
+    rows = load_rows(args.results / f"{args.name}.json")
+    done = {r["job"] for r in rows}
+    for path in args.merge:
+        for row in load_rows(path):
+            if row["job"] not in done:
+                rows.append(row)
+                done.add(row["job"])
+    write_results(args, rows)
+    print(f"{len(rows)} jobs in {args.results / f'{args.name}.json'}")
+
+
 def cells(rows: list[dict]) -> list[dict]:
     """Rows grouped by (partition, model, method, prior): mean, min and max over seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -273,8 +302,9 @@ def cells(rows: list[dict]) -> list[dict]:
     for (partition, model, method, prior), group in groups.items():
         cell = {"partition": partition, "model": model, "method": method, "prior": prior,
                 "seeds": sorted(r["seed"] for r in group)}  # fmt: skip
-        for key in (*METRICS, "cluster_jsd", "predicate_jsd", "wall_s"):
-            values = [r[key] for r in group if r[key] is not None]
+        for key in (*METRICS, "cluster_jsd", "predicate_jsd", "job_s"):
+            values = [job_seconds(r) if key == "job_s" else r[key] for r in group]
+            values = [v for v in values if v is not None]
             if values:
                 cell[key] = {"mean": statistics.fmean(values), "min": min(values),
                              "max": max(values)}  # fmt: skip
@@ -382,7 +412,7 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
         seeds = ",".join(map(str, c["seeds"]))
         lines.append(
             f"| {c['partition']} | {het[0]} | {het[1]} | {c['model']} | {c['method']} "
-            f"| {c['prior']} | {seeds} | {values} | {c['wall_s']['mean']:.0f} "
+            f"| {c['prior']} | {seeds} | {values} | {c['job_s']['mean']:.0f} "
             f"| {'; '.join(sorted(machines[key]))} |"
         )
     lines += ["", "Effect directions: per-seed ratios, mean [min, max]; a direction is read only "
@@ -432,12 +462,15 @@ def unpack(args: argparse.Namespace) -> None:
 
 def estimate_s(rows: list[dict], model: str, method: str, scale: float = 1.0) -> float:
     """Expected wall seconds of a job: the median of this grid's finished ones, else a guess."""
-    done = [r["wall_s"] for r in rows if r["model"] == model and r["method"] == method]
+    done = [job_seconds(r) for r in rows if r["model"] == model and r["method"] == method]
     return statistics.median(done) if done else COST_S[model] * scale
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        merge(args)
+        return
     if args.job:
         row = run_job(args, args.job)
         (args.out / "rows").mkdir(parents=True, exist_ok=True)
