@@ -11,7 +11,9 @@ same for every algorithm: FedSAM wraps it, FedProx's term and SCAFFOLD's correct
 through the gradient. Its state (momentum buffer, Adam's moments and step count) starts afresh
 every round unless `keep_optimizer_state`: then it is stored in the client's persistent state
 (groups `<optimizer>-<key>`, one array per parameter name) and the next round continues from
-it, so one client over many rounds trains exactly like one uninterrupted optimizer.
+it, so one client over many rounds trains exactly like one uninterrupted optimizer. The
+client-batched path (`strategies.batched`) reads and writes the same groups, row by row, so a
+client may alternate between batched and per-client rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .stacked_optim import stacked_optimizer
 
 ArrayDict = dict[str, np.ndarray]
 #: Local optimizers a client half can use (run config `optimizer`).
@@ -169,33 +173,41 @@ class ClientHalf:
     ) -> None:
         """With `keep_optimizer_state`, give `optimizer` (SAM: its base) the state that
         `save_optimizer_state` stored; nothing when there is none yet (the first round)."""
-        prefix = self._state_prefix()
-        groups = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if not self.keep_optimizer_state or not groups:
+        groups = self._stored_optimizer_state(state)
+        if not groups:
             return
         inner = getattr(optimizer, "base_optimizer", optimizer)
         packed = inner.state_dict()
         index = {id(p): i for i, p in enumerate(p for g in inner.param_groups for p in g["params"])}
-        restored: dict[int, dict[str, torch.Tensor]] = {}
-        for name, p in model.named_parameters():
-            if id(p) not in index:
-                continue
-            entry = {}
-            for key, arrays in groups.items():
-                if name not in arrays:
-                    raise ValueError(
-                        f"{self.name}: kept optimizer state {prefix}{key} has no {name!r}"
-                    )
-                value = torch.as_tensor(np.array(arrays[name]))
-                if key != "step" and tuple(value.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"{self.name}: kept optimizer state {prefix}{key}[{name!r}] has shape "
-                        f"{tuple(value.shape)}, the parameter {tuple(p.shape)}"
-                    )
-                entry[key] = value
-            restored[index[id(p)]] = entry
-        packed["state"] = restored
+        packed["state"] = {
+            index[id(p)]: {key: self._stored_row(groups, key, name, p.shape) for key in groups}
+            for name, p in model.named_parameters()
+            if id(p) in index
+        }
         inner.load_state_dict(packed)
+
+    def _stored_optimizer_state(self, state: Mapping[str, ArrayDict]) -> dict[str, ArrayDict]:
+        """The kept optimizer state's groups by state key (`step`, `exp_avg`, ...): empty
+        when the state is not kept or there is none yet."""
+        if not self.keep_optimizer_state:
+            return {}
+        prefix = self._state_prefix()
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    def _stored_row(
+        self, groups: Mapping[str, ArrayDict], key: str, name: str, shape: torch.Size
+    ) -> torch.Tensor:
+        """One parameter's stored `key` state, checked against the parameter's `shape`."""
+        prefix = self._state_prefix()
+        if name not in groups[key]:
+            raise ValueError(f"{self.name}: kept optimizer state {prefix}{key} has no {name!r}")
+        value = torch.as_tensor(np.array(groups[key][name]))
+        if key != "step" and tuple(value.shape) != tuple(shape):
+            raise ValueError(
+                f"{self.name}: kept optimizer state {prefix}{key}[{name!r}] has shape "
+                f"{tuple(value.shape)}, the parameter {tuple(shape)}"
+            )
+        return value
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
         """An extra term added to the task loss (FedProx's proximal term); None for none."""
@@ -226,19 +238,55 @@ class ClientHalf:
         incoming: Sequence[Mapping[str, ArrayDict]],
         states: Sequence[dict[str, ArrayDict]],
     ) -> torch.optim.Optimizer:
-        """`begin` for K clients. SGD is elementwise, so one SGD over the stacked tensors is
-        K independent SGDs. Adam's step count is one per tensor, not per client, so a client
-        that sits a step out would get the others' bias correction: Adam/AdamW and kept
-        optimizer state are refused here."""
-        if self.optimizer != "sgd" or self.keep_optimizer_state:
-            what = "kept optimizer state" if self.optimizer == "sgd" else self.optimizer
-            raise ValueError(
-                f"batched client training supports per-round SGD only, not {what}: "
-                "train these clients one by one"
-            )
-        return torch.optim.SGD(
-            stack.tensors, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        """`begin` for K clients: `optimizer_class`'s optimizer, one per client row
+        (`strategies.stacked_optim`), holding each client's kept state."""
+        cls, options = self.optimizer_class()
+        optimizer = stacked_optimizer(cls, stack.tensors, **options)
+        self.load_optimizer_state_stacked(stack, optimizer, states)
+        return optimizer
+
+    def load_optimizer_state_stacked(
+        self,
+        stack: StackedParams,
+        optimizer: torch.optim.Optimizer,
+        states: Sequence[Mapping[str, ArrayDict]],
+    ) -> None:
+        """`load_optimizer_state` row by row: each client's stored state in its row, zeros
+        (a fresh optimizer: Adam at step 0, SGD's first momentum step) for a client with none."""
+        stored = [self._stored_optimizer_state(s) for s in states]
+        keys = dict.fromkeys(key for groups in stored for key in groups)
+        for name, p in zip(stack.names, stack.tensors, strict=True):
+            entry = optimizer.state[p]
+            for key in keys:
+                like = entry.get(key, p)
+                rows = [
+                    self._stored_row(groups, key, name, p.shape[1:]).to(like.dtype)
+                    if key in groups
+                    else torch.zeros(like.shape[1:], dtype=like.dtype)
+                    for groups in stored
+                ]
+                entry[key] = torch.stack(rows).to(like.device)
+
+    def save_optimizer_state_stacked(
+        self,
+        stack: StackedParams,
+        optimizer: torch.optim.Optimizer,
+        states: Sequence[dict[str, ArrayDict]],
+        steps: Sequence[int],
+    ) -> None:
+        """`save_optimizer_state` row by row; a client that took no step keeps what it had,
+        as a per-client run without a batch does."""
+        if not self.keep_optimizer_state:
+            return
+        groups: list[dict[str, ArrayDict]] = [{} for _ in states]
+        for name, p in zip(stack.names, stack.tensors, strict=True):
+            for key, value in optimizer.state.get(p, {}).items():
+                host = value.detach().cpu().numpy()
+                for k, client in enumerate(groups):
+                    client.setdefault(self._state_prefix() + key, {})[name] = np.array(host[k])
+        for state, client, taken in zip(states, groups, steps, strict=True):
+            if taken:
+                state.update(client)
 
     def loss_term_stacked(self, stack: StackedParams) -> torch.Tensor | None:
         """`loss_term` per client: a (K,) tensor, or None for none."""
@@ -297,11 +345,6 @@ class StackedParams:
             {name: h[k] for name, h in zip(self.names, host, strict=True)}
             for k in range(self.num_clients)
         ]
-
-
-def per_client(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (K,) tensor shaped to broadcast over a stacked tensor `like` (K, ...)."""
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 def client_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

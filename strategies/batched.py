@@ -18,9 +18,24 @@ those of its per-client run. Clients may hold different numbers of batches and a
 of another size: a step groups the clients by batch shape, and a client without a batch sits
 the step out (its parameters, optimizer state and the half's state come out unchanged).
 
+The local optimizer is the half's own (`strategies.stacked_optim`): SGD over the stack, or
+Adam/AdamW with one step count per client row, so a client that sat steps out keeps its own
+bias correction. With `optimizer-state = keep` each client's stored state is loaded into its
+row at the start and written back at the end, in the per-client groups, so a client can
+alternate between batched and per-client rounds.
+
+Dropout. A model with a dropout layer of p > 0 runs under `vmap(randomness="different")`:
+every client row draws its own masks, from the global generator's stream but not in the
+order of its per-client run, so with dropout the engine equals `train_local` in distribution,
+not sample for sample (FedSAM's two passes still share their masks). Without such a layer vmap
+keeps `randomness="error"`, which refuses a loss that draws its own noise inside the model
+call: the exact per-client equality holds, and nothing can silently break it. Under a CUDA
+graph the masks stay fresh on every replay: the default CUDA generator registers with the
+graph and advances its Philox offset at each replay.
+
 Limits: models must have no buffers (no BatchNorm: batch statistics would mix nothing here,
-but in-place buffer updates cannot run under vmap) and no randomness in the forward pass
-(dropout with p > 0 raises); every client uses one algorithm with one set of
+but in-place buffer updates cannot run under vmap); randomness in the forward pass only
+through dropout layers (see above); every client uses one algorithm with one set of
 hyperparameters; a batch is a tensor or a tuple / NamedTuple of tensors; the loss may only
 call the model. Attention runs on PyTorch's math kernel (the fused kernels have no vmap rule).
 """
@@ -120,6 +135,10 @@ class _StackedModel:
         self.stack = StackedParams(trainable, [self.all[n] for n in trainable])
         self.models = models
         self.module = copy.deepcopy(first).to("meta").train()
+        dropout = any(
+            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in self.module.modules()
+        )
+        self.randomness = "different" if dropout else "error"
 
     def losses(
         self,
@@ -137,7 +156,7 @@ class _StackedModel:
             return loss_fn(_OneClient(self.module, p, dtype), b)
 
         with sdpa_kernel(SDPBackend.MATH):
-            return vmap(one, randomness="error")(params, batch)
+            return vmap(one, randomness=self.randomness)(params, batch)
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -280,7 +299,7 @@ def _train_stack(
     device = stack.tensors[0].device
     optimizer = half.begin_stacked(stack, incoming, states)
     everyone = torch.ones(num, dtype=torch.bool, device=device)
-    total = torch.zeros(num, device=device)
+    total = torch.zeros(num, dtype=torch.float64, device=device)  # as train_local's float sum
     steps = [0] * num
     graphed: _GraphedStep | None = None
 
@@ -318,6 +337,7 @@ def _train_stack(
                 steps[k] += 1
             yield
     stacked.write_back()
+    half.save_optimizer_state_stacked(stack, optimizer, states, steps)
     outgoing = half.end_stacked(stack, states, steps)
     means = (total.cpu() / torch.tensor([max(s, 1) for s in steps])).tolist()
     return list(zip(means, outgoing, strict=True))
@@ -356,9 +376,11 @@ def _masked_step(
     def closure() -> torch.Tensor:
         for p in stack.tensors:
             p.grad = None
-        loss = torch.zeros(stack.num_clients, device=device)
+        loss: torch.Tensor | None = None
         for key, ks in groups.items():
             part = stacked.losses(loss_fn, _stack_batches([step[k] for k in ks]), index[key], dtype)
+            if loss is None:
+                loss = part.new_zeros(stack.num_clients)  # in the loss's dtype
             loss = loss.index_add(0, index[key], part)
         extra = half.loss_term_stacked(stack)
         if extra is not None:

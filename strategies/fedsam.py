@@ -24,7 +24,7 @@ With rho = 0 the perturbation is exactly zero and the update equals FedAvg's bit
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,11 +39,10 @@ from .base import (
     Closure,
     StackedClosure,
     StackedParams,
-    client_sum,
     config_value,
-    per_client,
 )
 from .server import ServerHalf
+from .stacked_optim import per_client
 
 #: pytorch-optimizer SAM's default `perturb_eps`, added to the gradient norm.
 SAM_EPS = 1e-12
@@ -94,8 +93,8 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-def _rng_states(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    on_cuda = any(p.is_cuda for p in model.parameters())
+def _rng_states(params: Iterable[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    on_cuda = any(p.is_cuda for p in params)
     return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if on_cuda else None)
 
 
@@ -172,7 +171,7 @@ class FedSAMClient(ClientHalf):
         self, model: nn.Module, optimizer: torch.optim.Optimizer, closure: Closure
     ) -> torch.Tensor:
         """Two passes over the same batch; returns the loss at the unperturbed weights."""
-        rng = _rng_states(model)
+        rng = _rng_states(model.parameters())
         loss = closure()
         optimizer.first_step(zero_grad=True)
         _set_rng_states(rng)
@@ -188,7 +187,7 @@ class FedSAMClient(ClientHalf):
         incoming: Sequence[Mapping[str, ArrayDict]],
         states: Sequence[dict[str, ArrayDict]],
     ) -> torch.optim.Optimizer:
-        """The base SGD over the stacked tensors; the SAM step is `step_stacked`'s."""
+        """The base optimizer over the stacked tensors; the SAM step is `step_stacked`'s."""
         for name, p in zip(stack.names, stack.tensors, strict=True):
             if p.dtype not in (torch.float32, torch.float64):
                 raise TypeError(f"fedsam: parameter {name!r} is {p.dtype}; SAM needs fp32")
@@ -198,20 +197,25 @@ class FedSAMClient(ClientHalf):
         self, stack: StackedParams, optimizer: torch.optim.Optimizer, closure: StackedClosure
     ) -> torch.Tensor:
         """pytorch-optimizer's SAM step (e = rho g / (||g|| + 1e-12), |w|-scaled for ASAM),
-        with each client's gradient norm taken over its own row."""
+        with each client's gradient norm taken over its own row; as in `step`, the second
+        pass replays the first's RNG state, so dropout draws the same masks."""
         params = stack.tensors
+        rng = _rng_states(params)
         loss = closure()
         with torch.no_grad():
             grads = [p.grad for p in params]
             weighted = grads
             if self.adaptive:
                 weighted = torch._foreach_mul(grads, torch._foreach_abs(params))
-            scale = self.rho / (client_sum(g.pow(2) for g in weighted).sqrt() + SAM_EPS)
+            # pytorch-optimizer's arithmetic: per-tensor norms, squared and summed in float32
+            norms = torch.stack([w.flatten(1).norm(dim=1) for w in weighted], dim=1)
+            scale = self.rho / norms.float().square_().sum(1).sqrt_().add_(SAM_EPS)
             perturb = torch._foreach_mul(grads, [per_client(scale, p) for p in params])
             if self.adaptive:
                 torch._foreach_mul_(perturb, torch._foreach_pow(params, 2))
             saved = [p.clone() for p in params]
             torch._foreach_add_(params, perturb)
+        _set_rng_states(rng)
         closure()
         with torch.no_grad():
             torch._foreach_copy_(params, saved)

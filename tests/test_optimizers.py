@@ -1,7 +1,7 @@
 """Adam and AdamW as every algorithm's local optimizer, against a hand-written NumPy Adam:
 FedAvg, FedProx's proximal gradient, SCAFFOLD's correction, SAM wrapping Adam; the optimizer
 state reset or kept across rounds (through the on-disk client state store); the run config's
-`optimizer` keys and the `paper` preset; the batched path refusing Adam."""
+`optimizer` keys and the `paper` preset. The batched path's Adam: tests/test_batched_adam.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from torch import nn
 from fedpsg.app.config import PRESETS, RunConfigError, app_defaults, validate_run_config
 from strategies import client_half, train_local
 from strategies.base import ClientHalf, optimizer_options
-from strategies.batched import train_local_stacked
 from strategies.fedprox import FedProxClient
 from strategies.fedsam import FedSAMClient
 from strategies.scaffold import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL, ScaffoldClient
@@ -216,12 +215,6 @@ def test_client_half_reads_the_run_config_optimizer():
         ClientHalf(LR, momentum=0.9, optimizer="adam")
     with pytest.raises(ValueError, match="optimizer must be one of sgd, adam, adamw"):
         ClientHalf(LR, optimizer="lion")
-
-
-def test_batched_path_refuses_adam():
-    models = [_model(), _model()]
-    with pytest.raises(ValueError, match="batched client training supports per-round SGD only"):
-        train_local_stacked(models, [_data(), _data(1)], _mse, [_half(), _half()])
 
 
 def test_run_config_optimizer_keys_and_paper_preset():
