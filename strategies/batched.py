@@ -184,7 +184,8 @@ class _GraphedStep:
             run(self.static)  # warm-up: cuDNN plans, lazily moved constants
             self._clear()
             self.graph = torch.cuda.CUDAGraph()
-            self.graph.capture_begin()
+            # thread_local: another thread (the other GPU's stack) may capture at the same time
+            self.graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self.loss = run(self.static)
             finally:
