@@ -81,6 +81,7 @@ def measure(args: argparse.Namespace, name: str, device: str, batch: str, out: P
     devices = client_app.batch_devices(validate_run_config(config))
     gpus = list(range(torch.cuda.device_count())) if device != "cpu" else []
     for gpu in gpus:
+        torch.empty(0, device=f"cuda:{gpu}")  # the allocator of a GPU not used yet
         torch.cuda.reset_peak_memory_stats(gpu)
     start = time.perf_counter()
     simulate_in_process(config, args.clients, out)
