@@ -10,7 +10,6 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
@@ -70,7 +69,8 @@ class DenoisingLoss:
     scheduler : DDPMScheduler
         Gives the forward process (`add_noise`).
     autocast : bool
-        Run the model under bfloat16 autocast (GPU throughput); the loss stays float32.
+        Run the model under bfloat16 autocast (GPU throughput); the loss stays in the
+        noise's dtype (float32).
     """
 
     def __init__(self, scheduler: DDPMScheduler, autocast: bool = False) -> None:
@@ -78,11 +78,16 @@ class DenoisingLoss:
         self.autocast = autocast
 
     def __call__(self, model: nn.Module, batch: NoisyBatch) -> torch.Tensor:
+        return self.per_sample(model, batch).mean()
+
+    def per_sample(self, model: nn.Module, batch: NoisyBatch) -> torch.Tensor:
+        """Each image's mean squared error, shape (B,): the client-batched engine weights
+        the padding of a short batch out of it."""
         noisy = self.scheduler.add_noise(batch.images, batch.noise, batch.timesteps)
         device = noisy.device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
             eps = predict_noise(model, noisy, batch.timesteps)
-        return F.mse_loss(eps.float(), batch.noise)
+        return (eps.to(batch.noise.dtype) - batch.noise).square().flatten(1).mean(1)
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,6 +56,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .base import ArrayDict, ClientHalf, StackedParams
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+# a step's share: its clients (None: all), their stacked batch, their sample weights or None
+_Part = tuple[torch.Tensor | None, Any, torch.Tensor | None]
 
 
 class _OneClient:
@@ -78,32 +81,67 @@ def _is_float(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
-def _stack_batches(batches: Sequence[Any]) -> Any:
-    """K per-client batches as one batch with a leading client dimension."""
-    first = batches[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(batches)
-    if isinstance(first, tuple):
-        return _rebuild(first, [torch.stack(column) for column in zip(*batches, strict=True)])
+def _leaves(batch: Any) -> list[torch.Tensor]:
+    """A batch's tensors (the batch itself, or its fields)."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, tuple):
+        return list(batch)
     raise TypeError(
         f"batched training needs batches that are tensors or tuples of tensors, "
-        f"got {type(first).__name__}"
+        f"got {type(batch).__name__}"
     )
 
 
-def _rebuild(like: tuple, fields: list[torch.Tensor]) -> tuple:
-    """A tuple (or NamedTuple) of `like`'s type holding `fields`."""
-    return type(like)(*fields) if hasattr(like, "_fields") else tuple(fields)
+def _as_batch(like: Any, leaves: list[torch.Tensor]) -> Any:
+    """`leaves` as a batch of `like`'s kind (a tensor, tuple or NamedTuple)."""
+    if isinstance(like, torch.Tensor):
+        return leaves[0]
+    return type(like)(*leaves) if hasattr(like, "_fields") else tuple(leaves)
 
 
 def _shape_key(batch: Any) -> tuple:
-    if isinstance(batch, torch.Tensor):
-        return (tuple(batch.shape),)
-    return tuple(tuple(t.shape) for t in batch)
+    return tuple(tuple(t.shape) for t in _leaves(batch))
 
 
-def _leaves(batch: Any) -> list[torch.Tensor]:
-    return [batch] if isinstance(batch, torch.Tensor) else list(batch)
+def _stack_batches(batches: Sequence[Any]) -> Any:
+    """K per-client batches as one batch with a leading client dimension."""
+    columns = zip(*map(_leaves, batches), strict=True)
+    return _as_batch(batches[0], [torch.stack(column) for column in columns])
+
+
+def _sample_counts(batches: Sequence[Any]) -> list[int] | None:
+    """Each batch's number of samples, when the batches differ at most in it (the leading
+    dimension of every leaf), so that padding makes them one shape; else None."""
+    kinds, counts = set(), []
+    for batch in batches:
+        leaves = _leaves(batch)
+        heads = {tuple(t.shape[:1]) for t in leaves}
+        if len(heads) != 1 or heads == {()}:
+            return None
+        kinds.add((type(batch), tuple((t.shape[1:], t.dtype) for t in leaves)))
+        counts.append(len(leaves[0]))
+    return counts if len(kinds) == 1 else None
+
+
+def _padded(step: Sequence[Any], clients: Sequence[int], width: int, dtype: torch.dtype) -> tuple:
+    """The batches of `clients` stacked, each padded to `width` samples by repeating a real
+    sample (a client without a batch: all padding), and their (len(clients), width) weights:
+    1 for a real sample, 0 for padding."""
+    real = [step[k] for k in clients if step[k] is not None]
+    counts = [0 if step[k] is None else len(_leaves(step[k])[0]) for k in clients]
+    rows, start = [], 0
+    for n in counts:
+        rows += [*range(start, start + n), *[0] * (width - n)]
+        start += n
+    device = _leaves(real[0])[0].device
+    index = torch.tensor(rows, device=device)
+    weights = torch.arange(width) < torch.tensor(counts).unsqueeze(1)
+    leaves = [
+        torch.cat(column).index_select(0, index).unflatten(0, (len(clients), width))
+        for column in zip(*map(_leaves, real), strict=True)
+    ]
+    return _as_batch(real[0], leaves), weights.to(device=device, dtype=dtype)
 
 
 def _hyperparameters(half: ClientHalf) -> tuple:
@@ -146,17 +184,26 @@ class _StackedModel:
         batch: Any,
         index: torch.Tensor | None,
         dtype: torch.dtype | None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The (len(index),) losses of the clients `index` (all when None) on `batch`."""
+        """The (len(index),) losses of the clients `index` (all when None) on `batch`; with
+        `weights` (one row per client), each client's loss is the weighted sum of
+        `loss_fn.per_sample` over its real (weight 1) samples, divided by their number."""
         params = self.all
         if index is not None:
             params = {n: p.index_select(0, index) for n, p in params.items()}
 
-        def one(p: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
-            return loss_fn(_OneClient(self.module, p, dtype), b)
+        def one(p: dict[str, torch.Tensor], b: Any, *w: torch.Tensor) -> torch.Tensor:
+            model = _OneClient(self.module, p, dtype)
+            if not w:
+                return loss_fn(model, b)
+            per_sample = loss_fn.per_sample(model, b)  # type: ignore[attr-defined]
+            w = w[0].to(per_sample.dtype)
+            return (per_sample * w).sum() / w.sum().clamp(min=1)
 
+        inputs = (params, batch) if weights is None else (params, batch, weights)
         with sdpa_kernel(SDPBackend.MATH):
-            return vmap(one, randomness=self.randomness)(params, batch)
+            return vmap(one, randomness=self.randomness)(*inputs)
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -167,42 +214,42 @@ class _StackedModel:
 
 
 class _GraphedStep:
-    """A CUDA graph of one full-width forward and backward (all K clients, one batch shape):
-    the batch is copied into static buffers, the graph replays, the gradients land in the
-    same tensors every time."""
+    """A CUDA graph of one full-width forward and backward (all K clients, one shape of its
+    inputs: the batch, and with a per-sample loss the weights): the inputs are copied into
+    static buffers, the graph replays, the gradients land in the same tensors every time."""
 
-    def __init__(self, run: Callable[[Any], torch.Tensor], params: list[torch.Tensor], batch: Any):
+    def __init__(self, run: Callable[..., torch.Tensor], params: list[torch.Tensor], *inputs: Any):
         self.params = params
-        leaves = [t.clone() for t in _leaves(batch)]
-        self.static = leaves[0] if isinstance(batch, torch.Tensor) else _rebuild(batch, leaves)
+        self.static = [_as_batch(x, [t.clone() for t in _leaves(x)]) for x in inputs]
         # torch.cuda.graph() would synchronize, collect garbage and empty the cache for
         # every capture; with a graph per client that dominates a round, so capture by hand.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._clear()
-            run(self.static)  # warm-up: cuDNN plans, lazily moved constants
+            run(*self.static)  # warm-up: cuDNN plans, lazily moved constants
             self._clear()
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: another thread (the other GPU's stack) may capture at the same time
             self.graph.capture_begin(capture_error_mode="thread_local")
             try:
-                self.loss = run(self.static)
+                self.loss = run(*self.static)
             finally:
                 self.graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
         self.grads = [p.grad for p in params]
 
-    def fits(self, batch: Any) -> bool:
-        """Whether `batch` has the captured shapes."""
-        return _shape_key(batch) == _shape_key(self.static)
+    def fits(self, *inputs: Any) -> bool:
+        """Whether `inputs` have the captured shapes."""
+        return list(map(_shape_key, inputs)) == list(map(_shape_key, self.static))
 
     def _clear(self) -> None:
         for p in self.params:
             p.grad = None
 
-    def __call__(self, batch: Any) -> torch.Tensor:
-        torch._foreach_copy_(_leaves(self.static), _leaves(batch))
+    def __call__(self, *inputs: Any) -> torch.Tensor:
+        static = [t for x in self.static for t in _leaves(x)]
+        torch._foreach_copy_(static, [t for x in inputs for t in _leaves(x)])
         self.graph.replay()
         for p, g in zip(self.params, self.grads, strict=True):
             p.grad = g
@@ -297,42 +344,85 @@ def _train_stack(
     num = len(models)
     stacked = _StackedModel(models)
     stack = stacked.stack
-    device = stack.tensors[0].device
+    device, float_dtype = stack.tensors[0].device, stack.tensors[0].dtype
     optimizer = half.begin_stacked(stack, incoming, states)
-    everyone = torch.ones(num, dtype=torch.bool, device=device)
+    everyone = list(range(num))
+    all_in = torch.ones(num, dtype=torch.bool, device=device)
     total = torch.zeros(num, dtype=torch.float64, device=device)  # as train_local's float sum
     steps = [0] * num
+    padding = hasattr(loss_fn, "per_sample")
     graphed: _GraphedStep | None = None
+    graph_width = 0
 
-    def full_width(batch: Any) -> torch.Tensor:
+    def objective(parts: list[_Part]) -> torch.Tensor:
+        """The (K,) losses of `parts`, plus the half's loss term, with gradients filled."""
         for p in stack.tensors:
             p.grad = None
-        loss = stacked.losses(loss_fn, batch, None, compute_dtype)
+        loss: torch.Tensor | None = None
+        for index, batch, weights in parts:
+            part = stacked.losses(loss_fn, batch, index, compute_dtype, weights)
+            if index is not None:
+                part = part.new_zeros(num).index_add(0, index, part)  # in the loss's dtype
+            loss = part if loss is None else loss + part
+        assert loss is not None
         extra = half.loss_term_stacked(stack)
         if extra is not None:
             loss = loss + extra
         loss.sum().backward()
         return loss.detach()
 
+    def full_width(batch: Any, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return objective([(None, batch, weights)])
+
+    def padded_step(step: list[Any], active: list[int], width: int) -> Callable[[], torch.Tensor]:
+        """Batches that differ at most in their number of samples, as one step: padded to
+        the captured graph's width when they fit it, else eagerly over the active clients."""
+        nonlocal graphed, graph_width
+        if cuda_graph and graphed is None:
+            inputs = _padded(step, everyone, width, float_dtype)
+            graphed, graph_width = _GraphedStep(full_width, stack.tensors, *inputs), width
+        if graphed is not None and width <= graph_width:
+            inputs = _padded(step, everyone, graph_width, float_dtype)
+            if graphed.fits(*inputs):
+                return partial(graphed, *inputs)
+        index = None if len(active) == num else torch.tensor(active, device=device)
+        return partial(objective, [(index, *_padded(step, active, width, float_dtype))])
+
+    def uniform_step(step: list[Any]) -> Callable[[], torch.Tensor]:
+        """Every client with a batch of one shape (a loss without `per_sample`)."""
+        nonlocal graphed
+        batch = _stack_batches(step)
+        if cuda_graph and graphed is None:
+            graphed = _GraphedStep(full_width, stack.tensors, batch)
+        # the graph holds the first batch shape; another (a last batch) runs eagerly
+        run = graphed if graphed is not None and graphed.fits(batch) else full_width
+        return partial(run, batch)
+
+    def grouped_step(step: list[Any], active: list[int]) -> Callable[[], torch.Tensor]:
+        """Batches of several shapes that padding cannot join: one vmap per shape."""
+        groups: dict[tuple, list[int]] = {}
+        for k in active:
+            groups.setdefault(_shape_key(step[k]), []).append(k)
+        return partial(objective, [
+            (torch.tensor(ks, device=device), _stack_batches([step[k] for k in ks]), None)
+            for ks in groups.values()
+        ])  # fmt: skip
+
     for _ in range(epochs):
         for step in _lockstep([iter(b) for b in batches]):
             active = [k for k, b in enumerate(step) if b is not None]
-            groups: dict[tuple, list[int]] = {}
-            for k in active:
-                groups.setdefault(_shape_key(step[k]), []).append(k)
-            if len(active) == num and len(groups) == 1:
-                batch = _stack_batches(step)
-                if cuda_graph and graphed is None:
-                    graphed = _GraphedStep(full_width, stack.tensors, batch)
-                # the graph holds the first batch shape; another (a last batch) runs eagerly
-                run = graphed if graphed is not None and graphed.fits(batch) else full_width
-                loss = half.step_stacked(stack, optimizer, lambda b=batch, r=run: r(b))
-                mask = everyone
+            counts = _sample_counts([step[k] for k in active]) if padding else None
+            if counts is not None:
+                closure = padded_step(step, active, max(counts))
+            elif len(active) == num and len({_shape_key(b) for b in step}) == 1:
+                closure = uniform_step(step)
             else:
+                closure = grouped_step(step, active)
+            mask = all_in
+            if len(active) < num:
                 mask = torch.zeros(num, dtype=torch.bool, device=device)
                 mask[active] = True
-                loss = _masked_step(stacked, half, optimizer, loss_fn, step, groups, mask,
-                                    compute_dtype)  # fmt: skip
+            loss = _step_keeping(stack, half, optimizer, closure, None if mask is all_in else mask)
             total += torch.where(mask, loss, 0.0)
             for k in active:
                 steps[k] += 1
@@ -358,45 +448,23 @@ def _lockstep(iterators: list[Iterator[Any]]) -> Iterator[list[Any]]:
         yield step
 
 
-def _masked_step(
-    stacked: _StackedModel,
+def _step_keeping(
+    stack: StackedParams,
     half: ClientHalf,
     optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
-    step: list[Any],
-    groups: dict[tuple, list[int]],
-    mask: torch.Tensor,
-    dtype: torch.dtype | None,
+    closure: Callable[[], torch.Tensor],
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """A step in which some clients have no batch or batches differ in shape: one vmap per
-    shape group, and the rows of clients without a batch restored afterwards."""
-    stack = stacked.stack
-    device = stack.tensors[0].device
-    index = {key: torch.tensor(ks, device=device) for key, ks in groups.items()}
-
-    def closure() -> torch.Tensor:
-        for p in stack.tensors:
-            p.grad = None
-        loss: torch.Tensor | None = None
-        for key, ks in groups.items():
-            part = stacked.losses(loss_fn, _stack_batches([step[k] for k in ks]), index[key], dtype)
-            if loss is None:
-                loss = part.new_zeros(stack.num_clients)  # in the loss's dtype
-            loss = loss.index_add(0, index[key], part)
-        extra = half.loss_term_stacked(stack)
-        if extra is not None:
-            loss = loss + extra
-        loss.sum().backward()
-        return loss.detach()
-
-    def kept() -> list[torch.Tensor]:
-        state = [t for s in optimizer.state.values() for t in s.values()]
-        tensors = [*stack.tensors, *state, *half.stacked_state()]
-        return [
-            t for t in tensors if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == len(mask)
-        ]
-
-    before = {id(t): (t, t.detach().clone()) for t in kept()}
+    """`half.step_stacked` on `closure`, after which the rows of clients outside `mask` (no
+    batch this step; None: every client has one) are restored: parameters, optimizer state,
+    the half's stacked state."""
+    if mask is None:
+        return half.step_stacked(stack, optimizer, closure)
+    state = [t for s in optimizer.state.values() for t in s.values()]
+    tensors = [*stack.tensors, *state, *half.stacked_state()]
+    num = stack.num_clients
+    kept = [t for t in tensors if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == num]
+    before = {id(t): (t, t.detach().clone()) for t in kept}
     loss = half.step_stacked(stack, optimizer, closure)
     with torch.no_grad():
         for t, old in before.values():
