@@ -15,8 +15,14 @@ replayed each step, which removes the kernel-launch cost that bounds a small mod
 
 Each client keeps its own batch iterable, so its shuffles, noise and timesteps are exactly
 those of its per-client run. Clients may hold different numbers of batches and a last batch
-of another size: a step groups the clients by batch shape, and a client without a batch sits
-the step out (its parameters, optimizer state and the half's state come out unchanged).
+of another size. When the loss has `per_sample(model, batch) -> (B,)` (the per-sample losses
+whose mean is the loss) and the step's batches differ only in their number of samples, the
+step stays one full-width vmap (on the CUDA graph, when there is one): every batch is padded to
+one size by repeating a sample, and client k's loss is the sum of its per-sample losses
+weighted 1 for its n_k real samples and 0 for padding, divided by n_k, so padding adds neither
+loss nor gradient. Otherwise (no `per_sample`, or batches that differ beyond their size) the
+step runs one vmap per batch shape. A client without a batch sits the step out: its
+parameters, optimizer state and the half's state come out unchanged.
 
 The local optimizer is the half's own (`strategies.stacked_optim`): SGD over the stack, or
 Adam/AdamW with one step count per client row, so a client that sat steps out keeps its own
@@ -193,12 +199,12 @@ class _StackedModel:
         if index is not None:
             params = {n: p.index_select(0, index) for n, p in params.items()}
 
-        def one(p: dict[str, torch.Tensor], b: Any, *w: torch.Tensor) -> torch.Tensor:
+        def one(p: dict[str, torch.Tensor], b: Any, w: torch.Tensor | None = None) -> torch.Tensor:
             model = _OneClient(self.module, p, dtype)
-            if not w:
+            if w is None:
                 return loss_fn(model, b)
             per_sample = loss_fn.per_sample(model, b)  # type: ignore[attr-defined]
-            w = w[0].to(per_sample.dtype)
+            w = w.to(per_sample.dtype)
             return (per_sample * w).sum() / w.sum().clamp(min=1)
 
         inputs = (params, batch) if weights is None else (params, batch, weights)
@@ -347,7 +353,6 @@ def _train_stack(
     device, float_dtype = stack.tensors[0].device, stack.tensors[0].dtype
     optimizer = half.begin_stacked(stack, incoming, states)
     everyone = list(range(num))
-    all_in = torch.ones(num, dtype=torch.bool, device=device)
     total = torch.zeros(num, dtype=torch.float64, device=device)  # as train_local's float sum
     steps = [0] * num
     padding = hasattr(loss_fn, "per_sample")
@@ -358,13 +363,13 @@ def _train_stack(
         """The (K,) losses of `parts`, plus the half's loss term, with gradients filled."""
         for p in stack.tensors:
             p.grad = None
-        loss: torch.Tensor | None = None
+        losses = []
         for index, batch, weights in parts:
             part = stacked.losses(loss_fn, batch, index, compute_dtype, weights)
             if index is not None:
                 part = part.new_zeros(num).index_add(0, index, part)  # in the loss's dtype
-            loss = part if loss is None else loss + part
-        assert loss is not None
+            losses.append(part)
+        loss = sum(losses[1:], losses[0])
         extra = half.loss_term_stacked(stack)
         if extra is not None:
             loss = loss + extra
@@ -389,7 +394,7 @@ def _train_stack(
         return partial(objective, [(index, *_padded(step, active, width, float_dtype))])
 
     def uniform_step(step: list[Any]) -> Callable[[], torch.Tensor]:
-        """Every client with a batch of one shape (a loss without `per_sample`)."""
+        """Every client with a batch of one shape, unpadded (a loss without `per_sample`)."""
         nonlocal graphed
         batch = _stack_batches(step)
         if cuda_graph and graphed is None:
@@ -418,12 +423,12 @@ def _train_stack(
                 closure = uniform_step(step)
             else:
                 closure = grouped_step(step, active)
-            mask = all_in
+            mask = None
             if len(active) < num:
                 mask = torch.zeros(num, dtype=torch.bool, device=device)
                 mask[active] = True
-            loss = _step_keeping(stack, half, optimizer, closure, None if mask is all_in else mask)
-            total += torch.where(mask, loss, 0.0)
+            loss = _step_keeping(stack, half, optimizer, closure, mask)
+            total += loss if mask is None else torch.where(mask, loss, 0.0)
             for k in active:
                 steps[k] += 1
             yield
