@@ -217,7 +217,7 @@ def _terminal_sigint() -> None:
 
 @pytest.mark.parametrize(
     ("rounds", "log", "mark"),
-    [(1, "clientapp-2.log", ""), (50, "flwr-run.log", "[ROUND 2/")],
+    [(1, "clientapp-2.log", ""), (50, "flwr-run.log", "[ROUND 1/")],
     ids=["while-starting", "mid-run"],
 )
 def test_ctrl_c_stops_every_process(benchmark, tmp_path, rounds, log, mark):
