@@ -71,6 +71,24 @@ def _assert_same_weights(many, solo):
             torch.testing.assert_close(pa, pb, **TOLERANCE, msg=lambda m, at=(k, name): f"{at} {m}")
 
 
+def _assert_same_clients(start: torch.nn.Module, batched: tuple, separate: tuple) -> None:
+    """Batched and per-client runs, each (results, models, states), agree client by client:
+    weights, mean loss, outgoing arrays and SCAFFOLD's control variate; every client moved
+    away from `start`."""
+    (many, many_models, many_states), (solo, solo_models, solo_states) = batched, separate
+    _assert_same_weights(many_models, solo_models)
+    for k, (m, s) in enumerate(zip(many, solo, strict=True)):
+        assert m[0] == pytest.approx(s[0], rel=1e-9), k
+        assert m[1].keys() == s[1].keys()
+        for key, arrays in s[1].items():
+            for name, a in arrays.items():
+                np.testing.assert_allclose(m[1][key][name], a, **TOLERANCE)
+        assert _gap(many_models[k], start) > 1e-3  # the client really trained
+    for s_many, s_solo in zip(many_states, solo_states, strict=True):
+        for name, a in s_solo.get(CLIENT_CONTROL, {}).items():
+            np.testing.assert_allclose(s_many[CLIENT_CONTROL][name], a, **TOLERANCE)
+
+
 def _run_both(digits, algorithm, optimizer):
     model, images = digits
     num = len(images)
@@ -95,19 +113,8 @@ def test_stacked_adam_matches_per_client(digits, algorithm, optimizer):
     (solo, solo_models, solo_states), (many, many_models, many_states) = _run_both(
         digits, algorithm, optimizer
     )
-    _assert_same_weights(many_models, solo_models)
-    model, _ = digits
-    for k, (m, s) in enumerate(zip(many, solo, strict=True)):
-        assert m[0] == pytest.approx(s[0], rel=1e-9), k
-        assert m[1].keys() == s[1].keys()
-        for key, arrays in s[1].items():
-            for name, a in arrays.items():
-                np.testing.assert_allclose(m[1][key][name], a, **TOLERANCE)
-        assert _gap(many_models[k], model) > 1e-3  # the client really trained
-    if algorithm == "scaffold":
-        for s_many, s_solo in zip(many_states, solo_states, strict=True):
-            for name, a in s_solo[CLIENT_CONTROL].items():
-                np.testing.assert_allclose(s_many[CLIENT_CONTROL][name], a, **TOLERANCE)
+    _assert_same_clients(digits[0], (many, many_models, many_states),
+                         (solo, solo_models, solo_states))  # fmt: skip
 
 
 def test_one_shared_step_count_would_be_wrong(digits, monkeypatch):

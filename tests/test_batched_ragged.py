@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_batched_adam import LOSS, TOLERANCE, _assert_same_weights, _gap, _half
+from test_batched_adam import LOSS, _assert_same_clients, _half
 from test_batched_clients import CONFIG, _scaffold_inputs
 
 from diffusion_clients.train import NoisyBatch, NoisyBatches
 from fedpsg.app.task import load_task
 from strategies.base import train_local
 from strategies.batched import train_local_stacked
-from strategies.scaffold import CLIENT_CONTROL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,18 +81,8 @@ def _compare(ragged, algorithm, optimizer, loss, images=None, device="cpu", **op
     halves = [_half(algorithm, optimizer) for _ in images]
     many = train_local_stacked(many_models, batches(), loss, halves, incoming, many_states,
                                epochs=2, **options)  # fmt: skip
-    _assert_same_weights(many_models, solo_models)
-    for k, (m, s) in enumerate(zip(many, solo, strict=True)):
-        assert m[0] == pytest.approx(s[0], rel=1e-9), k
-        assert m[1].keys() == s[1].keys()
-        for key, arrays in s[1].items():
-            for name, a in arrays.items():
-                np.testing.assert_allclose(m[1][key][name], a, **TOLERANCE)
-        assert _gap(many_models[k], model) > 1e-3  # the client really trained
-    if algorithm == "scaffold":
-        for s_many, s_solo in zip(many_states, solo_states, strict=True):
-            for name, a in s_solo[CLIENT_CONTROL].items():
-                np.testing.assert_allclose(s_many[CLIENT_CONTROL][name], a, **TOLERANCE)
+    _assert_same_clients(model, (many, many_models, many_states),
+                         (solo, solo_models, solo_states))  # fmt: skip
 
 
 def _passes(algorithm: str) -> int:
