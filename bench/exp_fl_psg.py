@@ -30,9 +30,11 @@ Ray), in its own worker process with one torch thread, `--workers` at a time, th
 there, stops starting jobs that would not end inside `--budget-s`, and stops the run at the
 budget. Federations checkpoint every round (`checkpoint`, `resume`): at the budget the
 unfinished ones' run folders (checkpoint, metrics so far) are packed into
-`<results>/unfinished-<i>.tar` (at most `--pack-mib` each), and `--unpack DIR` puts them back
-before the next call's jobs start, which then continue after their last round, exactly as an
-uninterrupted run (`tests/test_resume.py`). So a grid runs across several time-limited calls:
+`<results>/unfinished-<i>.tar` (at most `--pack-files` of `--pack-mib` each, the
+furthest-advanced first: a lent machine's call brings back 8 files of 16 MiB), and
+`--unpack DIR` puts them back before the next call's jobs start, which then continue after
+their last round, exactly as an uninterrupted run (`tests/test_resume.py`). So a grid runs
+across several time-limited calls:
 
     python -m bench.exp_fl_psg --tiers 1 --workers 8 --resumable --budget-s 540
     python -m bench.exp_fl_psg --tiers 1 --workers 8 --resumable --budget-s 540 --unpack prev/
@@ -150,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=float("inf"), help="wall-clock budget")
     p.add_argument("--cost-scale", type=float, default=1.0, help="scales COST_S (other machine)")
     p.add_argument("--pack-mib", type=float, default=15.0, help="size of an unfinished-*.tar")
+    p.add_argument("--pack-files", type=int, default=8, help="most unfinished-*.tar files")
     p.add_argument("--unpack", type=Path, help="folder of unfinished-*.tar from the last call")
     p.add_argument("--merge", type=Path, nargs="+", help="add these results files' rows, write")
     p.add_argument("--clients", type=int, default=100)
@@ -428,21 +431,34 @@ def job_dir(args: argparse.Namespace, name: str) -> Path:
 
 def pack_unfinished(args: argparse.Namespace, names: list[str]) -> list[Path]:
     """The run folders of stopped federations (checkpoint, metrics so far; no plots or final
-    model) in tar files of at most `--pack-mib`, for the next call's `--unpack`."""
-    files = []
-    for name in names:
-        root = job_dir(args, name)
-        if (root / "checkpoints" / "checkpoint.npz").exists():
-            files += [f for f in root.rglob("*") if f.is_file() and "plots" not in f.parts
-                      and f.name != "final_model.pt"]  # fmt: skip
+    model) in at most `--pack-files` tar files of at most `--pack-mib` each (what a lent
+    machine's call brings back: 8 files of 16 MiB), for the next call's `--unpack`. The
+    furthest-advanced federations go first; those that do not fit are named and left."""
+
+    def rounds_done(name: str) -> int:
+        metrics = job_dir(args, name) / "metrics.json"
+        return len(json.loads(metrics.read_text())["rounds"]) if metrics.exists() else 0
+
+    limit = args.pack_mib * 2**20
     chunks: list[list[Path]] = []
-    limit, size = args.pack_mib * 2**20, 0.0
-    for path in files:
-        if not chunks or size + path.stat().st_size > limit:
+    size, left = limit, []
+    for name in sorted(names, key=rounds_done, reverse=True):
+        root = job_dir(args, name)
+        if not (root / "checkpoints" / "checkpoint.npz").exists():
+            continue
+        files = [f for f in root.rglob("*") if f.is_file() and "plots" not in f.parts
+                 and f.name != "final_model.pt"]  # fmt: skip
+        need = sum(f.stat().st_size for f in files)
+        if size + need > limit:
+            if len(chunks) == args.pack_files or need > limit:
+                left.append(name)
+                continue
             chunks.append([])
             size = 0.0
-        chunks[-1].append(path)
-        size += path.stat().st_size
+        chunks[-1] += files
+        size += need
+    if left:
+        print(f"not packed (over {args.pack_files} x {args.pack_mib} MiB): {', '.join(left)}")
     packs = []
     args.results.mkdir(parents=True, exist_ok=True)
     for i, chunk in enumerate(chunks):

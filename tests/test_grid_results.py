@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 from bench.exp_fl_psg import job_seconds, main
@@ -44,3 +45,26 @@ def test_merge_adds_missing_rows_and_keeps_existing(tmp_path: Path) -> None:
     assert cell["seeds"] == [0, 1, 2]
     assert abs(cell["R@50"]["mean"] - (0.5 + 0.5 + 0.6) / 3) < 1e-12
     assert "| iid |" in (results / "grid.md").read_text()
+
+
+def test_unfinished_runs_pack_into_what_a_call_brings_back(tmp_path: Path, capsys) -> None:
+    """At most `--pack-files` tars of `--pack-mib`, the furthest-advanced federations first;
+    the rest are named, not packed."""
+    from bench.exp_fl_psg import job_dir, pack_unfinished, parse_args
+
+    args = parse_args(["--out", str(tmp_path / "out"), "--results", str(tmp_path / "res"),
+                       "--pack-mib", "1", "--pack-files", "2"])  # fmt: skip
+    names = [f"iid/vctree/fedavg/federated/{s}" for s in range(3)]
+    for seed, done in enumerate((10, 30, 20)):  # rounds done: seed 1 furthest, then 2, then 0
+        root = job_dir(args, names[seed])
+        (root / "checkpoints").mkdir(parents=True)
+        (root / "checkpoints" / "checkpoint.npz").write_bytes(b"x" * 700_000)
+        (root / "metrics.json").write_text(json.dumps({"rounds": [{}] * done}))
+    packs = pack_unfinished(args, names)
+    assert [p.name for p in packs] == ["unfinished-0.tar", "unfinished-1.tar"]
+    packed = []
+    for pack in packs:
+        with tarfile.open(pack) as tar:  # runs/iid/vctree/fedavg/federated/<seed>/...
+            packed.append(sorted({member.split("/")[5] for member in tar.getnames()}))
+    assert packed == [["1"], ["2"]]
+    assert "not packed (over 2 x 1.0 MiB): iid/vctree/fedavg/federated/0" in capsys.readouterr().out
