@@ -51,7 +51,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -229,7 +229,7 @@ class _GraphedStep:
         self.static = [_as_batch(x, [t.clone() for t in _leaves(x)]) for x in inputs]
         # torch.cuda.graph() would synchronize, collect garbage and empty the cache for
         # every capture; with a graph per client that dominates a round, so capture by hand.
-        side = torch.cuda.Stream()
+        side = _stream(torch.cuda.current_device(), 0)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._clear()
@@ -260,6 +260,14 @@ class _GraphedStep:
         for p, g in zip(self.params, self.grads, strict=True):
             p.grad = g
         return self.loss
+
+
+@cache
+def _stream(device: int, index: int) -> torch.cuda.Stream:
+    """The process's side stream `index` on a GPU (0: graph capture; 1..: lanes), made once:
+    the caching allocator keeps freed blocks (and cuBLAS a workspace) per stream, so a new
+    stream every round would strand them."""
+    return torch.cuda.Stream(device)
 
 
 def train_local_stacked(
@@ -314,7 +322,8 @@ def train_local_stacked(
     ]
     lanes: list[Any] = [None]
     if device.type == "cuda" and streams > 1:
-        lanes = [torch.cuda.Stream(device) for _ in range(min(streams, len(chunks)))]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        lanes = [_stream(index, 1 + i) for i in range(min(streams, len(chunks)))]
         for lane in lanes:
             lane.wait_stream(torch.cuda.current_stream(device))
     results: list[list[tuple[float, dict[str, ArrayDict]]]] = [[] for _ in chunks]
@@ -331,6 +340,12 @@ def train_local_stacked(
     for lane in lanes:
         if lane is not None:
             torch.cuda.current_stream(device).wait_stream(lane)
+    if cuda_graph:
+        # The round's graphs are gone with `runs`; their private memory pools are returned to
+        # the driver only by emptying the cache, else every round strands a pool's worth.
+        del runs
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
     return [r for chunk in results for r in chunk]
 
 
