@@ -13,7 +13,7 @@ GPU memory per GPU, the largest weight difference of the final global model from
 per-client run's (the engines train the same clients from the same seeds), and the number of
 error replies (a failed `train_many`, say a CUDA-graph capture broken by the other GPU's
 thread, fails its clients instead of the run: a row with errors is no valid timing). Writes
-`<out>/gpu_federation.{json,md}` with the card's name.
+`<out>/<name>.{json,md}` (default `gpu_federation`) with the card's name.
 
     python -m bench.bench_gpu_federation                       # 1 GPU: off vs on
     python -m bench.bench_gpu_federation --gpus 2              # and on over 2 GPUs
@@ -94,7 +94,7 @@ def measure(args: argparse.Namespace, name: str, device: str, batch: str, out: P
         sum(c.get("num-examples", 0) for c in r["clients"] if c["stage"] == "train")
         for r in rounds[1:]
     ]
-    errors = sum("error" in c for r in rounds for c in r["clients"])
+    errors = [c["error"] for r in rounds for c in r["clients"] if "error" in c]
     return {
         "setting": name,
         "device": device,
@@ -105,7 +105,8 @@ def measure(args: argparse.Namespace, name: str, device: str, batch: str, out: P
         "images_per_s": sum(images[-len(timed) :]) * args.local_epochs / sum(timed),
         "peak_gib": [torch.cuda.max_memory_allocated(g) / 2**30 for g in gpus],
         "wall_s": wall,
-        "client_errors": errors,
+        "client_errors": len(errors),
+        "error_reasons": sorted({e[:300] for e in errors}),
         "final_model": torch.load(out / "final_model.pt", map_location="cpu"),
     }
 
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=100.0, help="Dirichlet alpha of the split")
     parser.add_argument("--device", default="cuda", help="cuda | cpu")
     parser.add_argument("--gpus", type=int, default=1, help="2: also the 2-GPU split")
+    parser.add_argument("--name", default="gpu_federation", help="results file stem")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -163,7 +165,7 @@ def main() -> None:
         row["max_weight_diff"] = max(
             float((model[k] - w).abs().max()) for k, w in reference.items()
         )
-    setup = {k: v for k, v in vars(args).items() if k != "out"}
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     header = (
         f"# Diffusion federation on {card(args)}: per-client vs client-batched\n\n"
         f"`python -m bench.bench_gpu_federation` with {setup}: FedAvg, {args.clients} clients "
@@ -171,11 +173,13 @@ def main() -> None:
         f"evaluates before round 1 and in the last round), torch {torch.__version__}."
     )
     text = table(rows, header)
+    for row in rows:
+        text += "".join(f"\n{row['setting']}: {e}\n" for e in row["error_reasons"])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"card": card(args), "setup": setup, "torch": torch.__version__, "rows": rows}
-    (args.out / "gpu_federation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "gpu_federation.md").write_text(text)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(text)
 
 
 if __name__ == "__main__":
