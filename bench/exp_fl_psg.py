@@ -376,6 +376,40 @@ def effects(rows: list[dict]) -> list[str]:
     return lines
 
 
+def by_partition(table: list[dict], prior: str, seeds: int = 3) -> list[str]:
+    """FedAvg's R@50 / mR@50 (mean [min, max]) per partition and model under one prior, the
+    partition's measured index beside it and the CL row last: the README's table. A cell with
+    fewer than `seeds` seeds names them; "-" where none has run."""
+    cell = {(c["partition"], c["model"], c["method"]): c for c in table if c["prior"] == prior
+            or (c["method"] == "CL" and c["prior"] == CL_PRIOR[prior])}  # fmt: skip
+    models = [m for m in MODELS if any(k[1] == m for k in cell)]
+    if not models:
+        return []
+
+    def text(c: dict | None) -> str:
+        if c is None:
+            return "-"
+        partial = "" if len(c["seeds"]) >= seeds else f" (seeds {','.join(map(str, c['seeds']))})"
+        return f"{fmt(c.get('R@50'))} / {fmt(c.get('mR@50'))}{partial}"
+
+    lines = [
+        f"| partition | cluster JSD | predicate JSD | {' | '.join(models)} |",
+        "| --- | ---: | ---: |" + " --- |" * len(models),
+    ]
+    for partition in sorted(
+        {k[0] for k in cell if k[2] == "fedavg"},
+        key=lambda p: next((c["cluster_jsd"]["mean"] for k, c in cell.items()
+                            if k[0] == p and "cluster_jsd" in c), 0.0),  # fmt: skip
+    ):
+        index = next(c for k, c in cell.items() if k[0] == partition and "cluster_jsd" in c)
+        het = [f"{index[k]['mean']:.3f}" for k in ("cluster_jsd", "predicate_jsd")]
+        row = [text(cell.get((partition, m, "fedavg"))) for m in models]
+        lines.append(f"| {partition} | {het[0]} | {het[1]} | {' | '.join(row)} |")
+    row = [text(cell.get(("pooled", m, "CL"))) for m in models]
+    lines.append(f"| CL, prior {CL_PRIOR[prior]} | | | {' | '.join(row)} |")
+    return lines
+
+
 def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
     """`<name>.json` (every job's row, and the cells) and `<name>.md` (the cells)."""
     cl_epochs = budget_epochs(args.rounds, args.per_round, args.clients, args.epochs)
@@ -422,6 +456,12 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
               "where every seed's ratio lies on the same side of 1 (FL-PSG's ratios from its "
               "SGDet table, single runs):", ""]  # fmt: skip
     lines += effects(rows)
+    for prior in ("federated", "none"):
+        pivot = by_partition(table, prior, len(args.seed_list))
+        if pivot:
+            title = (f"FedAvg R@50 / mR@50 by partition, prior `{prior}` (CL: "
+                     f"`{CL_PRIOR[prior]}`), partitions by their cluster JSD:")
+            lines += ["", title, "", *pivot]
     (args.results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 

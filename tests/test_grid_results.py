@@ -68,3 +68,25 @@ def test_unfinished_runs_pack_into_what_a_call_brings_back(tmp_path: Path, capsy
             packed.append(sorted({member.split("/")[5] for member in tar.getnames()}))
     assert packed == [["1"], ["2"]]
     assert "not packed (over 2 x 1.0 MiB): iid/vctree/fedavg/federated/0" in capsys.readouterr().out
+
+
+def test_the_partition_table_orders_by_index_and_names_partial_cells() -> None:
+    """The README's table: partitions by their cluster JSD, a cell with fewer seeds than the
+    grid's names them, a missing one is "-", the CL row (the prior's CL counterpart) last."""
+    from bench.exp_fl_psg import by_partition, cells
+
+    def at(job: str, recall: float, jsd: float) -> dict:
+        return {**row(job, recall, [1.0]), "cluster_jsd": jsd}
+
+    rows = [at(f"shard/motifs/fedavg/none/{s}", 0.5, 0.5) for s in (0, 1, 2)]
+    rows += [at(f"iid/motifs/fedavg/none/{s}", 0.6, 0.01) for s in (0, 1, 2)]
+    rows += [at("iid/vctree/fedavg/none/0", 0.7, 0.01), at("pooled/motifs/CL/none/0", 0.8, 0)]
+    rows += [at("iid/motifs/fedavg/federated/0", 0.1, 0.01)]  # the other prior: not here
+    header, _, iid, shard, cl = by_partition(cells(rows), "none")
+    assert header.split(" | ")[-2:] == ["motifs", "vctree |"]
+    assert iid.startswith("| iid | 0.010 |") and shard.startswith("| shard | 0.500 |")
+    assert "| 60.0 [60.0, 60.0] / 60.0 [60.0, 60.0] | 70.0 [70.0, 70.0] / 70.0 [70.0, 70.0] " \
+           "(seeds 0) |" in iid  # fmt: skip
+    assert shard.endswith("| 50.0 [50.0, 50.0] / 50.0 [50.0, 50.0] | - |")
+    assert cl.startswith("| CL, prior none | | | 80.0")
+    assert by_partition(cells(rows), "federated")[-1].startswith("| CL, prior pooled | | | - |")
