@@ -124,7 +124,8 @@ def main() -> None:
                 ax.set(xlabel=f"{index} (measured)", ylabel=f"{metric} (%)")
     for ax in axes.flat:
         ax.legend(fontsize=7)
-    fig.suptitle(f"FedAvg ({args.models}), 100 clients x 5 per round, 100 rounds: mean and "
+    shown = ",".join(dict.fromkeys(f["model"] for f in fits))  # those with 3+ partitions
+    fig.suptitle(f"FedAvg ({shown}), 100 clients x 5 per round, 100 rounds: mean and "
                  "range over seeds; line: slope fitted within seeds")  # fmt: skip
     fig.tight_layout()
     args.results.mkdir(parents=True, exist_ok=True)
