@@ -396,13 +396,9 @@ def by_partition(table: list[dict], prior: str, seeds: int = 3) -> list[str]:
         f"| partition | cluster JSD | predicate JSD | {' | '.join(models)} |",
         "| --- | ---: | ---: |" + " --- |" * len(models),
     ]
-    for partition in sorted(
-        {k[0] for k in cell if k[2] == "fedavg"},
-        key=lambda p: next((c["cluster_jsd"]["mean"] for k, c in cell.items()
-                            if k[0] == p and "cluster_jsd" in c), 0.0),  # fmt: skip
-    ):
-        index = next(c for k, c in cell.items() if k[0] == partition and "cluster_jsd" in c)
-        het = [f"{index[k]['mean']:.3f}" for k in ("cluster_jsd", "predicate_jsd")]
+    index = {k[0]: c for k, c in cell.items() if k[2] == "fedavg"}  # one cell per partition
+    for partition in sorted(index, key=lambda p: index[p]["cluster_jsd"]["mean"]):
+        het = [f"{index[partition][k]['mean']:.3f}" for k in ("cluster_jsd", "predicate_jsd")]
         row = [text(cell.get((partition, m, "fedavg"))) for m in models]
         lines.append(f"| {partition} | {het[0]} | {het[1]} | {' | '.join(row)} |")
     row = [text(cell.get(("pooled", m, "CL"))) for m in models]

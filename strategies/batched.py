@@ -229,7 +229,7 @@ class _GraphedStep:
         self.static = [_as_batch(x, [t.clone() for t in _leaves(x)]) for x in inputs]
         # torch.cuda.graph() would synchronize, collect garbage and empty the cache for
         # every capture; with a graph per client that dominates a round, so capture by hand.
-        side = _stream(torch.cuda.current_device(), 0)
+        side = _stream(params[0].device.index, 0)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._clear()
@@ -322,8 +322,7 @@ def train_local_stacked(
     ]
     lanes: list[Any] = [None]
     if device.type == "cuda" and streams > 1:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        lanes = [_stream(index, 1 + i) for i in range(min(streams, len(chunks)))]
+        lanes = [_stream(device.index, 1 + i) for i in range(min(streams, len(chunks)))]
         for lane in lanes:
             lane.wait_stream(torch.cuda.current_stream(device))
     results: list[list[tuple[float, dict[str, ArrayDict]]]] = [[] for _ in chunks]
