@@ -148,6 +148,22 @@ def steps_per_round(args: argparse.Namespace) -> int:
     return args.local_epochs * max(1, round(per_client / args.client_batch_size))
 
 
+def arm_dir(args: argparse.Namespace, name: str) -> Path:
+    """The arm's run folder (checkpoints, metrics, its evaluation), one per setting and tag."""
+    return args.out / f".{args.setting}{args.tag}-{name}-run"
+
+
+def trained(run_dir: Path, rounds: int) -> bool:
+    """The arm's run already ended at `rounds`: a call that stopped it between training and
+    evaluation leaves only the evaluation to do."""
+    metrics = run_dir / "metrics.json"
+    return (
+        (run_dir / "final_model.pt").exists()
+        and metrics.exists()
+        and json.loads(metrics.read_text())["rounds"][-1]["round"] == rounds
+    )
+
+
 def train_arm(args: argparse.Namespace, arm: dict, device: torch.device, out: Path):
     """One run of the Flower app for this arm; returns the served model and its history."""
     from fedpsg.run.simulate import simulate_in_process
@@ -185,7 +201,8 @@ def train_arm(args: argparse.Namespace, arm: dict, device: torch.device, out: Pa
         "checkpoint": args.resumable,
         "resume": args.resumable,
     }
-    simulate_in_process(config, clients, out)
+    if not trained(out, args.rounds):
+        simulate_in_process(config, clients, out)
     model = build_unet(args.unet, args.image_size, 1, seed=args.seed).to(device).eval()
     model.load_state_dict(torch.load(out / "final_model.pt", map_location=device))
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
@@ -259,12 +276,12 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train, test = train_test_split(load_digits_set(args.image_size), TEST_FRACTION, args.seed)
     start = time.perf_counter()
-    model, info = train_arm(args, ARMS[name], device, args.out / f".{args.setting}-{name}-run")
+    model, info = train_arm(args, ARMS[name], device, arm_dir(args, name))
     info["train_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     metrics, grid = evaluate_arm(args, model, train, test, device)
     info["eval_seconds"] = time.perf_counter() - start
-    tmp = args.out / f".{args.setting}-{name}"
+    tmp = arm_dir(args, name) / "evaluation"
     np.save(f"{tmp}.npy", grid)
     Path(f"{tmp}.json").write_text(json.dumps({"arm": name, **ARMS[name], **info, **metrics}))
 
@@ -331,6 +348,23 @@ def _plots(rows: list[dict], grids: list[np.ndarray], stem: Path) -> None:
     plt.close(fig)
 
 
+def evaluated_arms(stem: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Arms of an earlier call's results at this stem, trained for the same rounds: a resumed
+    experiment keeps their rows (and the sample grids kept in their run folders) instead of
+    evaluating them again."""
+    path = stem.with_suffix(".json")
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    if previous["config"]["rounds"] != args.rounds:
+        return {}
+    return {
+        row["arm"]: row
+        for row in previous["arms"]
+        if (arm_dir(args, row["arm"]) / "samples.npy").exists()
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -343,11 +377,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(names) - set(ARMS)
     if unknown:
         sys.exit(f"unknown arm(s) {sorted(unknown)}; choose from {list(ARMS)}")
+    stem = args.out / f"diffusion_flatness_{args.setting}{args.tag}"
+    done = evaluated_arms(stem, args) if args.resumable else {}
     base_cmd = [sys.executable, "-m", "bench.exp_diffusion_flatness", *(argv or sys.argv[1:])]
-    pending, running, failed = list(names), {}, []
+    pending, running, failed = [n for n in names if n not in done], {}, []
     gpus = args.gpus.split(",")
     start = time.perf_counter()
-    with tqdm(total=len(names), desc=f"{args.setting} arms") as bar:
+    with tqdm(total=len(names), initial=len(done), desc=f"{args.setting} arms") as bar:
         while pending or running:
             while pending and len(running) < args.parallel:
                 name = pending.pop(0)
@@ -369,15 +405,18 @@ def main(argv: list[str] | None = None) -> None:
                     bar.update()
     rows, grids = [], []
     for name in names:
-        tmp = args.out / f".{args.setting}-{name}"
+        tmp = arm_dir(args, name) / "evaluation"
+        if name in done:
+            rows.append(done[name])
+            grids.append(np.load(arm_dir(args, name) / "samples.npy"))
+            continue
         if name in failed:
             continue
         rows.append(json.loads(Path(f"{tmp}.json").read_text()))
         grids.append(np.load(f"{tmp}.npy"))
         Path(f"{tmp}.json").unlink()
-        Path(f"{tmp}.npy").unlink()
+        Path(f"{tmp}.npy").replace(arm_dir(args, name) / "samples.npy")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    stem = args.out / f"diffusion_flatness_{args.setting}{args.tag}"
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.pop("worker")
     result = {
