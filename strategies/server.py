@@ -3,17 +3,20 @@
 - **Robust aggregation.** A training reply that is an error, lacks the records the algorithm
   expects, or carries NaN/Inf is left out and logged; the round aggregates if at least
   `min_train_nodes` valid replies remain, else it keeps the previous global model.
-- **Server-side EMA or SWA** of the global model. Training always continues from the plain
-  aggregate x; the averaged model is what client-side and server-side evaluation see and what
-  `Result.arrays` holds (as in the EMA/SWA literature, where the average is never trained).
+- **Server-side EMA and/or SWA** of the global model. Training always continues from the plain
+  aggregate x. With one average kept, it is what client-side and server-side evaluation see
+  and what `Result.arrays` holds (as in the EMA/SWA literature, where the average is never
+  trained); with both kept, the plain aggregate is served and both averages are kept beside
+  it. `ServerHalf.final_models` names every final model (plain, ema, swa).
 - **Seeded client sampling.** Which clients train (and evaluate) in round r is drawn from a
   generator of its own, seeded by (seed, r, purpose): nothing else that draws random numbers,
   no engine and no node-id order can change it, and a resumed run samples as an uninterrupted
   one. Clients are ordered by the stable ids a `ClientIdGrid` names (the ServerApp's partition
   ids), else by node id.
 - **Checkpoint and resume.** After each round the global arrays, round number, algorithm state
-  (e.g. SCAFFOLD's c), EMA/SWA buffers, the metric history and the server's RNG states are written
-  atomically to `<checkpoint_dir>/checkpoint.npz`; `resume=True` continues after the saved round.
+  (e.g. SCAFFOLD's c), EMA/SWA buffers and counts, the metric history and the server's RNG
+  states are written atomically to `<checkpoint_dir>/checkpoint.npz`; `resume=True` continues
+  after the saved round.
   What clients keep between rounds (SCAFFOLD's c_i) goes to per-client state files: each train
   ConfigRecord names the folder (`state-dir`) and the run (`state-id`), see `strategies.state`.
 """
@@ -122,51 +125,89 @@ def weighted_mean(
 
 
 class ModelAverage:
-    """Exponential (EMA) or stochastic-weight (SWA) average of the global model, per round.
+    """Exponential (EMA) and stochastic-weight (SWA) averages of the global model, per round.
 
-    EMA starts at the initial model and after each aggregate does ema = d * ema + (1 - d) * x.
-    SWA is the running mean of the aggregates of rounds >= `swa_start`; before that the plain
-    model is served. Integer buffers (BatchNorm's `num_batches_tracked`) follow x. BatchNorm
-    running statistics are averaged like weights (no recalibration pass).
+    EMA starts at the initial model and after each aggregate x does ema = d * ema + (1 - d) * x.
+    With `ema_warmup` the n-th update (n = 1, 2, ...) uses min(d, (1 + n) / (10 + n)), the
+    `num_updates` form of TensorFlow's ExponentialMovingAverage: a run far shorter than
+    1 / (1 - d) updates otherwise keeps most of the EMA's weight on the initial model.
+    SWA is the running mean of the aggregates of rounds >= `swa_start`. Integer buffers
+    (BatchNorm's `num_batches_tracked`) follow x. BatchNorm running statistics are averaged
+    like weights (no recalibration pass).
+
+    Which model is served (evaluated every round, returned as `Result.arrays`): with one average
+    kept, that average (SWA: the plain model until it starts), as in the EMA/SWA literature;
+    with both kept, the plain aggregate, both averages beside it (`models`), so one training
+    run yields the plain, EMA and SWA models of the same trajectory.
     """
 
-    def __init__(self, ema_decay: float | None = None, swa_start: int | None = None) -> None:
-        if ema_decay is not None and swa_start is not None:
-            raise ValueError("ema_decay and swa_start are alternatives: set at most one")
+    def __init__(
+        self, ema_decay: float | None = None, swa_start: int | None = None, ema_warmup: bool = False
+    ) -> None:
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
         if swa_start is not None and swa_start < 1:
             raise ValueError(f"swa_start must be a round number >= 1, got {swa_start}")
+        if ema_warmup and ema_decay is None:
+            raise ValueError("ema_warmup needs an ema_decay")
         self.ema_decay = ema_decay
         self.swa_start = swa_start
-        self.average: ArrayDict | None = None
-        self.count = 0
+        self.ema_warmup = bool(ema_warmup)
+        self.ema: ArrayDict | None = None
+        self.swa: ArrayDict | None = None
+        self.ema_count = 0
+        self.swa_count = 0
+
+    def config(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint."""
+        return {
+            "ema_decay": self.ema_decay,
+            "swa_start": self.swa_start,
+            "ema_warmup": self.ema_warmup,
+        }
 
     def begin(self, initial: ArrayDict) -> None:
         """Start from the initial global model (EMA's starting point)."""
         ema = self.ema_decay is not None
-        self.average = {k: v.copy() for k, v in initial.items()} if ema else None
-        self.count = 0
+        self.ema = {k: v.copy() for k, v in initial.items()} if ema else None
+        self.swa = None
+        self.ema_count = self.swa_count = 0
 
     def update(self, server_round: int, arrays: ArrayDict) -> None:
-        """Fold the aggregate of `server_round` into the average."""
+        """Fold the aggregate of `server_round` into the averages."""
         if self.ema_decay is not None:
-            d = self.ema_decay
-            if self.average is None:
+            if self.ema is None:
                 raise RuntimeError("ModelAverage.begin() must run before update()")
-            self.average = self._blend(self.average, arrays, d, 1.0 - d)
-            self.count += 1
-        elif self.swa_start is not None and server_round >= self.swa_start:
-            n = self.count
-            previous = arrays if self.average is None else self.average
-            self.average = self._blend(previous, arrays, n / (n + 1), 1 / (n + 1))
-            self.count += 1
+            n = self.ema_count + 1
+            d = min(self.ema_decay, (1 + n) / (10 + n)) if self.ema_warmup else self.ema_decay
+            self.ema = self._blend(self.ema, arrays, d, 1.0 - d)
+            self.ema_count = n
+        if self.swa_start is not None and server_round >= self.swa_start:
+            n = self.swa_count
+            previous = arrays if self.swa is None else self.swa
+            self.swa = self._blend(previous, arrays, n / (n + 1), 1 / (n + 1))
+            self.swa_count = n + 1
+
+    def models(self, arrays: ArrayDict) -> dict[str, ArrayDict]:
+        """The models by name: "plain" (`arrays`, the aggregate), and "ema" and "swa" where
+        kept (SWA is the plain model until it starts)."""
+        out = {"plain": arrays}
+        if self.ema_decay is not None:
+            out["ema"] = self._with_buffers(self.ema, arrays)
+        if self.swa_start is not None:
+            out["swa"] = self._with_buffers(self.swa, arrays)
+        return out
 
     def serve(self, arrays: ArrayDict) -> ArrayDict:
-        """The model to evaluate and return: the average where one exists, else `arrays`."""
-        if self.average is None:
+        """The model to evaluate and return: the one average kept, else `arrays`."""
+        averages = [model for name, model in self.models(arrays).items() if name != "plain"]
+        return averages[0] if len(averages) == 1 else arrays
+
+    @staticmethod
+    def _with_buffers(average: ArrayDict | None, arrays: ArrayDict) -> ArrayDict:
+        if average is None:
             return arrays
-        return {k: (self.average[k] if v.dtype.kind == "f" else v) for k, v in arrays.items()}
+        return {k: (average[k] if v.dtype.kind == "f" else v) for k, v in arrays.items()}
 
     @staticmethod
     def _blend(old: ArrayDict, new: ArrayDict, a: float, b: float) -> ArrayDict:
@@ -258,6 +299,22 @@ def sample_clients(
     return [order[i] for i in sorted(picked)]
 
 
+def _averages(
+    groups: Mapping[str, ArrayDict], meta: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, int], dict[str, ArrayDict]]:
+    """A checkpoint's averaging settings, update counts and buffers ("ema", "swa"). A checkpoint
+    written while EMA and SWA were alternatives (one "average" buffer) still resumes: runs
+    under way across the change keep their rounds."""
+    if "averaging" in meta:
+        buffers = {name: groups[name] for name in ("ema", "swa") if name in groups}
+        return dict(meta["averaging"]), dict(meta["averaging-counts"]), buffers
+    ema_decay, swa_start = meta["average"]
+    name = "ema" if ema_decay is not None else "swa"
+    buffers = {name: groups["average"]} if "average" in groups else {}
+    config = {"ema_decay": ema_decay, "swa_start": swa_start, "ema_warmup": False}
+    return config, {name: int(meta["average-count"])}, buffers
+
+
 def _metrics_to_json(history: dict[int, MetricRecord]) -> dict[str, dict[str, Any]]:
     return {str(r): dict(record) for r, record in history.items()}
 
@@ -303,9 +360,12 @@ class ServerHalf(FedAvg):
     evaluate_metrics_aggr_fn
         As in Flower's FedAvg.
     ema_decay : float | None
-        Keep an EMA of the global model with this decay (alternative to `swa_start`).
+        Keep an EMA of the global model with this decay.
     swa_start : int | None
-        Keep an SWA running mean of the global models from this round on.
+        Keep an SWA running mean of the global models from this round on. With one of EMA and
+        SWA set, that average is served; with both, the plain aggregate (`ModelAverage`).
+    ema_warmup : bool
+        The n-th EMA update uses the decay min(ema_decay, (1 + n) / (10 + n)) (`ModelAverage`).
     checkpoint_dir : str | None
         Folder for `checkpoint.npz`, rewritten atomically after every round, and for the
         clients' state files (`clients/`).
@@ -332,6 +392,7 @@ class ServerHalf(FedAvg):
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         ema_decay: float | None = None,
         swa_start: int | None = None,
+        ema_warmup: bool = False,
         checkpoint_dir: str | None = None,
         resume: bool = False,
         seed: int = 0,
@@ -350,7 +411,7 @@ class ServerHalf(FedAvg):
         )
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir")
-        self.model_average = ModelAverage(ema_decay, swa_start)
+        self.model_average = ModelAverage(ema_decay, swa_start, ema_warmup)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.resume = resume
         if seed < 0:
@@ -358,6 +419,7 @@ class ServerHalf(FedAvg):
         self.seed = int(seed)
         self.state_id = ""  # names this run's client state files; set by `start`
         self.global_arrays: ArrayDict = {}
+        self.plain_arrays: ArrayDict = {}  # the aggregate after the last round `start` ran
 
     # --- what subclasses extend -------------------------------------------------------------
 
@@ -377,12 +439,7 @@ class ServerHalf(FedAvg):
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> %s: %s", type(self).__name__, self.train_config())
-        log(
-            INFO,
-            "\t├──> Server average: ema_decay=%s, swa_start=%s",
-            self.model_average.ema_decay,
-            self.model_average.swa_start,
-        )
+        log(INFO, "\t├──> Server average: %s", self.model_average.config())
         log(INFO, "\t├──> Checkpoint: %s (resume=%s)", self.checkpoint_dir, self.resume)
         super().summary()
 
@@ -537,7 +594,8 @@ class ServerHalf(FedAvg):
         """Flower's `Strategy.start` loop, plus EMA/SWA serving, checkpoints and resume.
 
         Training continues from the aggregate x; evaluation (client- and server-side) and
-        `Result.arrays` use the served model (the EMA/SWA average when one is kept).
+        `Result.arrays` use the served model (`ModelAverage.serve`: the average when exactly
+        one is kept, else x); `final_models` then names every final model.
         """
         log(INFO, "Starting %s strategy:", type(self).__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
@@ -562,6 +620,7 @@ class ServerHalf(FedAvg):
                 if res is not None:
                     result.evaluate_metrics_serverapp[0] = res
         result.arrays = to_record(self.model_average.serve(arrays))
+        self.plain_arrays = arrays
 
         t_start = time.time()
         for current_round in range(done + 1, num_rounds + 1):
@@ -575,6 +634,7 @@ class ServerHalf(FedAvg):
             if agg_arrays is not None:
                 arrays = to_numpy(agg_arrays)
                 self.model_average.update(current_round, arrays)
+            self.plain_arrays = arrays
             served = to_record(self.model_average.serve(arrays))
             result.arrays = served
             if agg_train_metrics is not None:
@@ -609,21 +669,30 @@ class ServerHalf(FedAvg):
         log(INFO, "")
         return result
 
+    def final_models(self) -> dict[str, ArrayRecord]:
+        """After `start`: the plain aggregate and every kept average, by name ("plain", "ema",
+        "swa"; SWA is the plain model until it starts)."""
+        models = self.model_average.models(self.plain_arrays)
+        return {name: to_record(arrays) for name, arrays in models.items()}
+
     # --- checkpoints ------------------------------------------------------------------------
 
     def _save(self, path: Path, server_round: int, arrays: ArrayDict, result: Result) -> None:
         rng_arrays, rng_meta = _rng_state()
+        average = self.model_average
         groups = {"global": arrays, "rng": rng_arrays}
-        if self.model_average.average is not None:
-            groups["average"] = self.model_average.average
+        if average.ema is not None:
+            groups["ema"] = average.ema
+        if average.swa is not None:
+            groups["swa"] = average.swa
         for name, group in self.state_arrays().items():
             groups[f"state-{name}"] = group
         meta = {
             "algorithm": self.algorithm,
             "round": server_round,
             "state-id": self.state_id,
-            "average": [self.model_average.ema_decay, self.model_average.swa_start],
-            "average-count": self.model_average.count,
+            "averaging": average.config(),
+            "averaging-counts": {"ema": average.ema_count, "swa": average.swa_count},
             "rng": rng_meta,
             "train_metrics_clientapp": _metrics_to_json(result.train_metrics_clientapp),
             "evaluate_metrics_clientapp": _metrics_to_json(result.evaluate_metrics_clientapp),
@@ -647,15 +716,15 @@ class ServerHalf(FedAvg):
                 raise CheckpointError(
                     f"{path}: array '{key}' missing or shaped differently from the initial model"
                 )
-        average = [self.model_average.ema_decay, self.model_average.swa_start]
-        if meta["average"] != average:
+        config, counts, buffers = _averages(groups, meta)
+        average = self.model_average
+        if config != average.config():
             raise CheckpointError(
-                f"{path}: checkpoint has (ema_decay, swa_start) = {meta['average']}, "
-                f"this run {average}"
+                f"{path}: checkpoint has server averaging {config}, this run {average.config()}"
             )
         self.state_id = str(meta.get("state-id", ""))
-        self.model_average.average = groups.get("average")
-        self.model_average.count = meta["average-count"]
+        average.ema, average.swa = buffers.get("ema"), buffers.get("swa")
+        average.ema_count, average.swa_count = counts.get("ema", 0), counts.get("swa", 0)
         self.load_state_arrays(
             {k.removeprefix("state-"): v for k, v in groups.items() if k.startswith("state-")}
         )

@@ -1,5 +1,5 @@
-"""Options every strategy shares: EMA/SWA, robustness to bad replies, checkpoint/resume, and the
-by-name registry."""
+"""Options every strategy shares: EMA and/or SWA, robustness to bad replies, checkpoint/resume,
+and the by-name registry."""
 
 import logging
 import random
@@ -18,7 +18,15 @@ from strategies_harness import (
 import strategies
 from strategies import client_half, server_strategy
 from strategies.local_grid import LocalGrid
-from strategies.server import CHECKPOINT_NAME, ModelAverage, to_numpy, to_record
+from strategies.server import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    ModelAverage,
+    load_checkpoint,
+    save_checkpoint,
+    to_numpy,
+    to_record,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,8 +50,38 @@ def test_ema_and_swa_match_hand_worked_cases():
     swa.update(2, _arrays(4.0))
     swa.update(3, _arrays(8.0))  # mean(4, 8)
     assert swa.serve(_arrays(8.0))["w"].item() == 6.0
-    with pytest.raises(ValueError, match="alternatives"):
-        ModelAverage(ema_decay=0.9, swa_start=2)
+
+
+def test_both_averages_are_kept_beside_the_served_plain_model():
+    both = ModelAverage(ema_decay=0.5, swa_start=2)
+    both.begin(_arrays(0.0))
+    both.update(1, _arrays(2.0, 1))  # ema 0.5 * 0 + 0.5 * 2 = 1; swa not started
+    models = both.models(_arrays(2.0, 1))
+    assert {k: m["w"].item() for k, m in models.items()} == {"plain": 2, "ema": 1, "swa": 2}
+    both.update(2, _arrays(4.0, 2))  # ema 0.5 * 1 + 0.5 * 4 = 2.5; swa mean(4) = 4
+    both.update(3, _arrays(8.0, 3))  # ema 0.5 * 2.5 + 0.5 * 8 = 5.25; swa mean(4, 8) = 6
+    models = both.models(_arrays(8.0, 3))
+    assert {k: m["w"].item() for k, m in models.items()} == {"plain": 8, "ema": 5.25, "swa": 6}
+    assert all(m["n"] == 3 and m["w"].dtype == np.float32 for m in models.values())
+    assert both.serve(_arrays(8.0, 3))["w"].item() == 8.0  # both kept: the plain model
+    assert (both.ema_count, both.swa_count) == (3, 2)
+    assert set(ModelAverage(ema_decay=0.5).models(_arrays(1.0))) == {"plain", "ema"}
+
+
+def test_ema_warmup_decays_by_the_update_count():
+    warm = ModelAverage(ema_decay=0.9, ema_warmup=True)
+    warm.begin(_arrays(0.0))
+    warm.update(1, _arrays(11.0))  # d = min(0.9, 2 / 11): 2/11 * 0 + 9/11 * 11 = 9
+    assert warm.serve(_arrays(11.0))["w"].item() == pytest.approx(9.0)
+    warm.update(2, _arrays(1.0))  # d = min(0.9, 3 / 12) = 0.25: 0.25 * 9 + 0.75 * 1 = 3
+    assert warm.serve(_arrays(1.0))["w"].item() == pytest.approx(3.0)
+    capped = ModelAverage(ema_decay=0.2, ema_warmup=True)
+    capped.begin(_arrays(0.0))
+    capped.update(1, _arrays(11.0))  # d = min(0.2, 2 / 11) = 2/11: 9, as above
+    capped.update(2, _arrays(1.0))  # d = min(0.2, 0.25) = 0.2: 0.2 * 9 + 0.8 * 1 = 2.6
+    assert capped.serve(_arrays(1.0))["w"].item() == pytest.approx(2.6)
+    with pytest.raises(ValueError, match="ema_warmup needs an ema_decay"):
+        ModelAverage(swa_start=2, ema_warmup=True)
 
 
 class Recording:
@@ -133,36 +171,74 @@ def test_too_few_valid_replies_keep_the_previous_model(caplog):
     assert any("keeping the previous global model" in r.getMessage() for r in caplog.records)
 
 
+BOTH = {"ema_decay": 0.7, "swa_start": 2, "ema_warmup": True}
+
+
+def _run(name, options, grid, rounds, **extra):
+    """`rounds` rounds on `grid`: the Result and the strategy's final models."""
+    strategy = server_strategy(
+        name, fraction_train=0.6, fraction_evaluate=0.4, seed=7, **options, **extra
+    )
+    result = strategy.start(
+        grid,
+        to_record(initial_arrays()),
+        num_rounds=rounds,
+        evaluate_fn=lambda r, a: MetricRecord({"w0": float(to_numpy(a)["weight"][0, 0])}),
+    )
+    return result, {k: to_numpy(v) for k, v in strategy.final_models().items()}
+
+
+def _assert_same_models(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys()
+    for name, arrays in theirs.items():
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(ours[name][key], value, err_msg=f"{name}/{key}")
+
+
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("fedavg", {"ema_decay": 0.7}), ("scaffold", {"swa_start": 2}), ("fedsam", {"rho": 0.05})],
+    [
+        ("fedavg", {"ema_decay": 0.7}),
+        ("scaffold", {"swa_start": 2}),
+        ("fedsam", {"rho": 0.05}),
+        ("fedavg", BOTH),  # the checkpoint holds SWA's first round and EMA's update count
+    ],
 )
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, name, options):
     data = heterogeneous_least_squares(num_clients=5)
-
-    def run(grid, rounds, **extra):
-        strategy = server_strategy(
-            name, fraction_train=0.6, fraction_evaluate=0.4, seed=7, **options, **extra
-        )
-        return strategy.start(
-            grid,
-            to_record(initial_arrays()),
-            num_rounds=rounds,
-            evaluate_fn=lambda r, a: MetricRecord({"w0": float(to_numpy(a)["weight"][0, 0])}),
-        )
-
-    straight = run(make_grid(data, epochs=2)[0], 4)
+    straight, straight_models = _run(name, options, make_grid(data, epochs=2)[0], 4)
 
     grid, _ = make_grid(data, epochs=2)  # clients keep their state, as running SuperNodes do
-    run(grid, 2, checkpoint_dir=str(tmp_path))
+    _run(name, options, grid, 2, checkpoint_dir=str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
     random.seed(12345)  # what else draws from the global streams changes no sample
-    resumed = run(grid, 4, checkpoint_dir=str(tmp_path), resume=True)
+    resumed, resumed_models = _run(
+        name, options, grid, 4, checkpoint_dir=str(tmp_path), resume=True
+    )
 
     for key, value in to_numpy(straight.arrays).items():
         np.testing.assert_array_equal(to_numpy(resumed.arrays)[key], value)
+    _assert_same_models(resumed_models, straight_models)
+    assert len(straight_models) == 1 + len({"ema_decay", "swa_start"} & set(options))
     assert resumed.evaluate_metrics_serverapp == straight.evaluate_metrics_serverapp
     assert resumed.train_metrics_clientapp == straight.train_metrics_clientapp
+
+
+def test_a_checkpoint_from_before_both_averages_could_be_kept_resumes(tmp_path):
+    """Runs under way when EMA and SWA were alternatives wrote one "average" buffer."""
+    data = heterogeneous_least_squares(num_clients=5)
+    options = {"swa_start": 1}
+    _, straight = _run("fedavg", options, make_grid(data)[0], 4)
+    grid, _ = make_grid(data)
+    _run("fedavg", options, grid, 2, checkpoint_dir=str(tmp_path))
+    path = tmp_path / CHECKPOINT_NAME
+    groups, meta = load_checkpoint(path)
+    groups["average"] = groups.pop("swa")
+    for key in ("averaging", "averaging-counts"):
+        del meta[key]
+    save_checkpoint(path, groups, {**meta, "average": [None, 1], "average-count": 2})
+    _, resumed = _run("fedavg", options, grid, 4, checkpoint_dir=str(tmp_path), resume=True)
+    _assert_same_models(resumed, straight)
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
@@ -174,10 +250,18 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
         server_strategy(
             "fedprox", proximal_mu=0.1, checkpoint_dir=str(tmp_path), resume=True
         ).start(grid, to_record(initial_arrays()), num_rounds=2)
-    with pytest.raises(ValueError, match="ema_decay, swa_start"):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}.*server averaging"):
         server_strategy("fedavg", ema_decay=0.9, checkpoint_dir=str(tmp_path), resume=True).start(
             grid, to_record(initial_arrays()), num_rounds=2
         )
+    ema = tmp_path / "ema"
+    server_strategy("fedavg", ema_decay=0.9, fraction_evaluate=0.0, checkpoint_dir=str(ema)).start(
+        grid, to_record(initial_arrays()), num_rounds=1
+    )
+    with pytest.raises(CheckpointError, match="'ema_warmup': False}, this run"):
+        server_strategy(
+            "fedavg", ema_decay=0.9, ema_warmup=True, checkpoint_dir=str(ema), resume=True
+        ).start(grid, to_record(initial_arrays()), num_rounds=2)
     with pytest.raises(ValueError, match="needs a checkpoint_dir"):
         server_strategy("fedavg", resume=True)
 
