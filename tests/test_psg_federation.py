@@ -37,6 +37,7 @@ OUTPUTS = (
     "plots/server_metrics.png",
     "plots/client_metrics.png",
 )
+NAMES = ("plain", "ema", "swa")  # final_model_<name>.pt with any server average kept
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,6 +180,20 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_round(benchmark_dir
     summary = (tmp_path / "summary.md").read_text()
     assert "| R@50 |" in summary and "nan" not in summary
     assert (tmp_path / "plots" / "server_metrics.png").stat().st_size > 0
+
+
+def test_both_server_averages_are_written_beside_the_served_plain_model(benchmark_dir, tmp_path):
+    options = {"num-server-rounds": 2, "local-epochs": 1, "server-ema": 0.5}
+    config = run_config(benchmark_dir, tmp_path, **options, **{"server-swa-start": 1})
+    simulate_in_process(config, NUM_CLIENTS, tmp_path)
+    served = torch.load(tmp_path / "final_model.pt")
+    models = {name: torch.load(tmp_path / f"final_model_{name}.pt") for name in NAMES}
+    weights = [key for key, value in served.items() if value.is_floating_point()]
+    assert all(torch.equal(served[k], models["plain"][k]) for k in served)
+    for name in ("ema", "swa"):  # both averaged x_1, x_2: neither equals x_2
+        assert models[name].keys() == served.keys()
+        assert not all(torch.equal(served[k], models[name][k]) for k in weights), name
+    assert not all(torch.equal(models["ema"][k], models["swa"][k]) for k in weights)
 
 
 def test_write_connection_is_what_flower_reads(tmp_path, monkeypatch):

@@ -17,10 +17,12 @@ from fedpsg.app.config import (
     RunConfigError,
     app_defaults,
     ignored_keys,
+    strategy_kwargs,
     validate_run_config,
 )
 from fedpsg.run.cli import app
 from fedpsg.run.simulate import simulate_in_process
+from strategies import server_options
 
 BAD = [
     ({"proximal_mu": 0.5}, "unknown key 'proximal_mu'; did you mean 'proximal-mu'?"),
@@ -36,6 +38,8 @@ BAD = [
     ({"rho": -0.1}, "rho=-0.1: expected a finite number >= 0"),
     ({"server-ema": 1.0}, "server-ema=1.0: expected a number in [0, 1)"),
     ({"server-ema": -0.5}, "server-ema=-0.5: expected a number in [0, 1)"),
+    ({"server-ema-warmup": 1}, "server-ema-warmup=1: expected true or false"),
+    ({"server-ema-warmup": True}, "server-ema-warmup=true: warms up the server EMA; set"),
     ({"fraction-train": 0.0}, "fraction-train=0.0: expected a number in (0, 1]"),
     ({"adaptive": 1}, "adaptive=1: expected true or false"),
     ({"strategy": "fedavg,fedavg"}, "strategy='fedavg,fedavg': expected one of fedavg"),
@@ -55,6 +59,17 @@ def test_a_bad_value_is_one_line_naming_key_and_range(overrides, message):
 def test_defaults_and_sane_overrides_pass():
     config = validate_run_config({"lr": 1, "server-ema": 0.99, "strategy": "fedavg,scaffold"})
     assert config["lr"] == 1 and config["batch-size"] == app_defaults()["batch-size"]
+
+
+def test_server_averaging_keys_reach_the_strategy(tmp_path: Path):
+    def kwargs(**overrides):
+        config = validate_run_config(overrides)
+        return strategy_kwargs(config, 2, tmp_path, server_options("fedavg"))
+
+    both = kwargs(**{"server-ema": 0.9, "server-ema-warmup": True, "server-swa-start": 3})
+    assert (both["ema_decay"], both["ema_warmup"], both["swa_start"]) == (0.9, True, 3)
+    none = kwargs()
+    assert (none["ema_decay"], none["ema_warmup"], none["swa_start"]) == (None, False, None)
 
 
 def test_every_rule_names_a_pyproject_key():

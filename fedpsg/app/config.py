@@ -36,6 +36,7 @@ STRATEGY_OPTIONS = {
     "adaptive": "adaptive",
     "server-lr": "server_lr",
     "server-ema": "ema_decay",
+    "server-ema-warmup": "ema_warmup",
     "server-swa-start": "swa_start",
 }
 
@@ -139,6 +140,7 @@ def strategy_kwargs(
     kwargs["min_available_nodes"] = kwargs["min_train_nodes"]
     kwargs["ema_decay"] = float(kwargs.get("ema_decay", 0.0)) or None
     kwargs["swa_start"] = int(kwargs.get("swa_start", 0)) or None
+    kwargs["ema_warmup"] = bool(kwargs.get("ema_warmup", False))
     kwargs["checkpoint_dir"] = str(out_dir / "checkpoints") if config.get("checkpoint") else None
     kwargs["resume"] = bool(config.get("resume", False))
     return {k: v for k, v in kwargs.items() if k in accepted}
@@ -309,6 +311,10 @@ def validate_run_config(
         if rule is not None and not rule.check(value):
             raise RunConfigError(f"run config {key}={value!r}: expected {rule.allowed}")
     config = apply_preset(config, defaults)
+    if config.get("server-ema-warmup") and not config.get("server-ema"):
+        raise RunConfigError(
+            "run config server-ema-warmup=true: warms up the server EMA; set server-ema > 0"
+        )
     if config.get("optimizer", "sgd") != "sgd" and config.get("momentum", 0):
         raise RunConfigError(
             f"run config momentum={config['momentum']!r}: SGD's; optimizer="

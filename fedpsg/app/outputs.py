@@ -10,7 +10,12 @@ Layout of `<out-dir>`:
     client_metrics.csv   one row per (round, client, stage)
     summary.md           final table: round 0, last round, best round of every server metric
     plots/server_metrics.png, plots/client_metrics.png
-    final_model.pt       the global model's state dict after the last round
+    final_model.pt       the served global model's state dict after the last round (the
+                         average when one of server-ema / server-swa-start is on, else plain)
+    final_model_plain.pt, final_model_ema.pt, final_model_swa.pt
+                         with any server average on: the plain aggregate and each average kept
+                         (SWA: the plain model until it starts), e.g. to evaluate all three of
+                         one training
 """
 
 from __future__ import annotations
@@ -84,10 +89,17 @@ class RunRecorder:
         self._write_metrics()
         return _progress_line(row, int(self.config.get("num-server-rounds", 0)))
 
-    def finish(self, state_dict: Mapping[str, torch.Tensor] | None) -> None:
-        """Write the final model, the summary table and the plots."""
+    def finish(
+        self,
+        state_dict: Mapping[str, torch.Tensor] | None,
+        named: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Write the final model (and each of the `named` ones as `final_model_<name>.pt`),
+        the summary table and the plots."""
         if state_dict is not None:
             torch.save(dict(state_dict), self.out_dir / "final_model.pt")
+        for name, state in (named or {}).items():
+            torch.save(dict(state), self.out_dir / f"final_model_{name}.pt")
         (self.out_dir / "summary.md").write_text(self.summary())
         plot_dir = self.out_dir / "plots"
         plot_dir.mkdir(exist_ok=True)

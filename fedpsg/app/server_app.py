@@ -128,7 +128,8 @@ def run_strategy(
     statistics: dict[str, Any] | None = None,
 ) -> None:
     """One federated training run of `config["strategy"]`, recorded in `out_dir`, from a
-    model set from the statistics round's sum where the task has one."""
+    model set from the statistics round's sum where the task has one. With a server average
+    kept, the plain model and every average are written beside the served `final_model.pt`."""
     seed = int(config["seed"])
     seed_everything(seed)
     model = task.build_model(config)
@@ -161,12 +162,12 @@ def run_strategy(
         evaluate_fn=evaluate_fn,
     )
     final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
-    recorder.finish(final.to_torch_state_dict())
+    models = strategy.final_models()
+    named = {n: r.to_torch_state_dict() for n, r in models.items()} if len(models) > 1 else {}
+    recorder.finish(final.to_torch_state_dict(), named)
 
 
-def collect_statistics(
-    grid: PartitionGrid, task: Task, config: dict[str, Any]
-) -> dict[str, Any]:
+def collect_statistics(grid: PartitionGrid, task: Task, config: dict[str, Any]) -> dict[str, Any]:
     """The statistics round, before round 1: every partition's `task.statistics`, summed
     exactly (`sum_statistics`). Nothing (and no round) for a task without statistics or
     a run config that wants none. A client's error fails the run: a sum without one
