@@ -1,9 +1,10 @@
 """Held-out denoising-loss curves of diffusion runs, finished or cut off.
 
-`bench.exp_diffusion_flatness` evaluates an arm only once it has trained all its rounds; an arm
-stopped by `--deadline` leaves just its run folder (`.<setting>-<arm>-run/metrics.json`, the
-server's test loss every `eval-every` rounds). This tabulates and plots those curves so arms
-can still be compared at the rounds they all reached.
+`bench.exp_diffusion_flatness` evaluates arms only once their training has run all its rounds; a
+training stopped by `--deadline` leaves just its run folder (`.<setting><tag>-<training>-run/
+metrics.json`, the served model's test loss every `eval-every` rounds: the plain model's where
+both server averages are kept, older `-<arm>-run` folders the arm's). This tabulates and plots
+those curves so runs can still be compared at the rounds they all reached.
 
     python -m bench.diffusion_loss_curves RUN_DIR... --out bench/results/diffusion_federated_loss
 """
@@ -22,7 +23,7 @@ def curve(run_dir: Path) -> dict[int, float]:
 
 
 def arm_name(run_dir: Path) -> str:
-    """`.federated-sam-0.1-run` -> `sam-0.1`."""
+    """`.federated-fedsam-0.1-run` -> `fedsam-0.1` (`.central_s0-base-run` -> `base`)."""
     return run_dir.name.removeprefix(".").split("-", 1)[1].removesuffix("-run")
 
 

@@ -3,22 +3,29 @@
 Arms (same data, model, optimizer and image budget): baseline SGD, +EMA, +SWA, +SAM at several
 radii rho, +SAM+EMA; each centralized (one client holding all training images, one round = one
 epoch) and federated (clients from a Dirichlet split over labels, `--local-epochs` per round,
-FedAvg aggregation). Every arm is a run of the Flower app itself (`task = "diffusion"`): its
-ServerApp and ClientApps in one process through `fedpsg.run.simulate.simulate_in_process`
+FedAvg aggregation). Arms are trained by runs of the Flower app itself (`task = "diffusion"`):
+its ServerApp and ClientApps in one process through `fedpsg.run.simulate.simulate_in_process`
 (Flower's Message API over a LocalGrid, no Ray or network), so the strategies' real client
-halves, aggregation and server-side EMA/SWA train it, and the served model is evaluated.
+halves, aggregation and server-side EMA/SWA train them. Server averages never feed back into
+training, so arms that differ only in the average they evaluate share one training per
+(algorithm, rho): it keeps both averages beside the plain model (`server-ema` and
+`server-swa-start` set) and each arm evaluates its final model (`final_model_plain|ema|swa.pt`).
+The paper set trains 3 times (fedavg; fedsam 0.1; fedsam 0.5) for its 6 arms.
 
 Per arm: FID at 20 and 100 DDPM steps against the held-out images and against the training
 images, beside two real-vs-real floors (train vs held-out at the held-out N; two disjoint
 halves of all images); FID, test-loss rise and ratio after 8/6/4-bit weight quantization;
 symmetric filter-normalised sharpness; the largest and smallest Hessian eigenvalue (Lanczos)
-over all parameters and over weights only; the exposure-bias curve; a sample grid. Arms run as
-parallel worker processes, spread over the GPUs listed in `--gpus` (round robin).
+over all parameters and over weights only; the exposure-bias curve; a sample grid. Trainings
+(each followed by its arms' evaluations) run as parallel worker processes, spread over the GPUs
+listed in `--gpus` (round robin).
 
 `--preset paper` runs the paper's setting (fedpsg.app.config.PRESETS["paper"]: AdamW, lr 1e-4,
 batch 128, dropout 0.3, one optimizer carried through training) on 32x32 digits with the arms
 base / +EMA / +SWA / +SAM 0.1 / +SAM 0.5 / +SAM 0.1+EMA, resumable; EMA is ADM's 0.9999 per
-step, applied per round as 0.9999 ** (steps per round).
+step, applied per round as 0.9999 ** (steps per round), with TensorFlow's warmup
+min(d, (1 + n) / (10 + n)) at the n-th round (`--ema-warmup`, on by default there): without it a
+run of a few thousand steps keeps most of the EMA's weight on the random initial model.
 
     python -m bench.exp_diffusion_flatness --setting central --out bench/results
     python -m bench.exp_diffusion_flatness --preset paper --setting central --rounds 400 \
@@ -94,6 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ema-decay", type=float, default=None, help="per round (0.9; paper: from 0.9999/step)"
     )
+    p.add_argument(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="server EMA decay min(d, (1 + n) / (10 + n)) at round n (default: on with --preset "
+        "paper, off otherwise)",
+    )
     p.add_argument("--swa-start", type=float, default=0.75, help="fraction of rounds")
     p.add_argument("--diffusion-steps", type=int, default=1000)
     p.add_argument("--fid-samples", type=int, default=1000)
@@ -108,8 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resumable",
         action="store_true",
-        help="checkpoint every round in the arm's run folder and continue from it when the "
-        "arm is run again (an arm stopped by --deadline keeps its rounds)",
+        help="checkpoint every round in the training's run folder and continue from it when "
+        "run again (a training stopped by --deadline keeps its rounds, an evaluated arm its row)",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return resolve(p.parse_args(argv))
@@ -134,6 +148,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.optimizer_state = str(preset.get("optimizer-state", "reset"))
     if args.ema_decay is None:
         args.ema_decay = PAPER_EMA_PER_STEP ** steps_per_round(args) if paper else 0.9
+    if args.ema_warmup is None:
+        args.ema_warmup = paper
     args.resumable = args.resumable or paper
     return args
 
@@ -148,26 +164,55 @@ def steps_per_round(args: argparse.Namespace) -> int:
     return args.local_epochs * max(1, round(per_client / args.client_batch_size))
 
 
-def arm_dir(args: argparse.Namespace, name: str) -> Path:
-    """The arm's run folder (checkpoints, metrics, its evaluation), one per setting and tag."""
-    return args.out / f".{args.setting}{args.tag}-{name}-run"
+def training_of(name: str) -> str:
+    """The training arm `name` is evaluated from, named by its (algorithm, rho): server averages
+    never feed back into training, so arms that differ only in the average share it."""
+    arm = ARMS[name]
+    return arm["algorithm"] + (f"-{arm['rho']:g}" if "rho" in arm else "")
 
 
-def trained(run_dir: Path, rounds: int) -> bool:
-    """The arm's run already ended at `rounds`: a call that stopped it between training and
-    evaluation leaves only the evaluation to do."""
-    metrics = run_dir / "metrics.json"
+def model_file(name: str) -> str:
+    """The final model of its training that arm `name` evaluates."""
+    return f"final_model_{ARMS[name].get('average', 'plain')}.pt"
+
+
+def trainings(names: list[str]) -> dict[str, list[str]]:
+    """Training -> the arms of `names` evaluated from it, both in `names` order."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        out.setdefault(training_of(name), []).append(name)
+    return out
+
+
+def run_dir(args: argparse.Namespace, training: str) -> Path:
+    """The training's run folder (checkpoints, metrics, final models, its arms' sample grids),
+    one per setting and tag."""
+    return args.out / f".{args.setting}{args.tag}-{training}-run"
+
+
+def samples_path(args: argparse.Namespace, name: str) -> Path:
+    """Where arm `name`'s sample grid is kept once its row is in the results."""
+    return run_dir(args, training_of(name)) / f"samples-{name}.npy"
+
+
+def trained(folder: Path, rounds: int, names: list[str]) -> bool:
+    """The training already ended at `rounds` with the final models of arms `names`: a call that
+    stopped between training and evaluation leaves only the evaluations to do."""
+    metrics = folder / "metrics.json"
     return (
-        (run_dir / "final_model.pt").exists()
+        all((folder / model_file(name)).exists() for name in names)
         and metrics.exists()
         and json.loads(metrics.read_text())["rounds"][-1]["round"] == rounds
     )
 
 
-def train_arm(args: argparse.Namespace, arm: dict, device: torch.device, out: Path):
-    """One run of the Flower app for this arm; returns the served model and its history."""
+def train(args: argparse.Namespace, names: list[str], device: torch.device, out: Path) -> dict:
+    """Run the Flower app once for the training of arms `names` (unless `trained`), keeping both
+    server averages beside the plain model; returns its history. The test-loss curve is the
+    served model's: the plain one, as both averages are kept (SWA's with `--ema-decay 0`)."""
     from fedpsg.run.simulate import simulate_in_process
 
+    arm = ARMS[names[0]]
     central = args.setting == "central"
     clients = 1 if central else args.clients
     config = {
@@ -193,29 +238,27 @@ def train_arm(args: argparse.Namespace, arm: dict, device: torch.device, out: Pa
         "diffusion-steps": args.diffusion_steps,
         "dirichlet-alpha": args.alpha,
         "test-fraction": TEST_FRACTION,
-        "server-ema": args.ema_decay if arm.get("average") == "ema" else 0.0,
-        "server-swa-start": round(args.rounds * args.swa_start) + 1
-        if arm.get("average") == "swa"
-        else 0,
+        "server-ema": args.ema_decay,
+        "server-ema-warmup": args.ema_warmup,
+        "server-swa-start": round(args.rounds * args.swa_start) + 1,
         "eval-every": max(1, args.rounds // 20),
         "checkpoint": args.resumable,
         "resume": args.resumable,
     }
-    if not trained(out, args.rounds):
+    if not trained(out, args.rounds, names):
         simulate_in_process(config, clients, out)
-    model = build_unet(args.unet, args.image_size, 1, seed=args.seed).to(device).eval()
-    model.load_state_dict(torch.load(out / "final_model.pt", map_location=device))
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     seen = sum(c.get("num-examples", 0) for r in rounds for c in r["clients"])
-    return model, {
+    return {
         "train_images": seen * config["local-epochs"],
         "train_loss_curve": [r["train"].get("train_loss") for r in rounds[1:]],
         "test_loss_curve": {r["round"]: r["server"]["loss"] for r in rounds if r["server"]},
+        "test_loss_curve_model": "plain" if args.ema_decay else "swa",
     }
 
 
 def evaluate_arm(args: argparse.Namespace, model, train, test, device) -> dict:
-    """Every flatness and robustness measure of DESIGN.md section 3 on the served model."""
+    """Every flatness and robustness measure of DESIGN.md section 3 on an arm's model."""
     scheduler = make_scheduler(args.diffusion_steps)
     loss = DenoisingLoss(scheduler)
     fixed = list(
@@ -270,20 +313,39 @@ def evaluate_arm(args: argparse.Namespace, model, train, test, device) -> dict:
     return out, ((grid + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
 
 
+def evaluation_path(args: argparse.Namespace, name: str) -> Path:
+    """Where a worker leaves arm `name`'s row (.json) and sample grid (.npy) for the main call."""
+    return run_dir(args, training_of(name)) / f"evaluation-{name}"
+
+
+def pending(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Training -> its arms this call evaluates: all, or with --resumable those whose rows an
+    earlier call did not keep."""
+    done = evaluated_arms(result_stem(args), args) if args.resumable else {}
+    return trainings([name for name in args.arms.split(",") if name not in done])
+
+
 def worker(args: argparse.Namespace) -> None:
+    """Train `args.worker` once, then evaluate each of its pending arms from its final model."""
     torch.set_num_threads(1)
-    name = args.worker
+    names = pending(args)[args.worker]
+    folder = run_dir(args, args.worker)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train, test = train_test_split(load_digits_set(args.image_size), TEST_FRACTION, args.seed)
+    train_set, test = train_test_split(load_digits_set(args.image_size), TEST_FRACTION, args.seed)
     start = time.perf_counter()
-    model, info = train_arm(args, ARMS[name], device, arm_dir(args, name))
+    info = train(args, names, device, folder)
     info["train_seconds"] = time.perf_counter() - start
-    start = time.perf_counter()
-    metrics, grid = evaluate_arm(args, model, train, test, device)
-    info["eval_seconds"] = time.perf_counter() - start
-    tmp = arm_dir(args, name) / "evaluation"
-    np.save(f"{tmp}.npy", grid)
-    Path(f"{tmp}.json").write_text(json.dumps({"arm": name, **ARMS[name], **info, **metrics}))
+    for name in names:
+        model = build_unet(args.unet, args.image_size, 1, seed=args.seed).to(device).eval()
+        model.load_state_dict(torch.load(folder / model_file(name), map_location=device))
+        start = time.perf_counter()
+        metrics, grid = evaluate_arm(args, model, train_set, test, device)
+        seconds = time.perf_counter() - start
+        row = {"arm": name, "training": args.worker, **ARMS[name], **info, **metrics}
+        tmp = evaluation_path(args, name)
+        np.save(f"{tmp}.npy", grid)
+        Path(f"{tmp}.json.part").write_text(json.dumps({**row, "eval_seconds": seconds}))
+        Path(f"{tmp}.json.part").replace(f"{tmp}.json")  # whole, or not there
 
 
 def _table(rows: list[dict]) -> str:
@@ -350,19 +412,20 @@ def _plots(rows: list[dict], grids: list[np.ndarray], stem: Path) -> None:
 
 def evaluated_arms(stem: Path, args: argparse.Namespace) -> dict[str, dict]:
     """Arms of an earlier call's results at this stem, trained for the same rounds: a resumed
-    experiment keeps their rows (and the sample grids kept in their run folders) instead of
-    evaluating them again."""
+    experiment keeps their rows (and the sample grids kept in their trainings' run folders)
+    instead of evaluating them again."""
     path = stem.with_suffix(".json")
     if not path.exists():
         return {}
     previous = json.loads(path.read_text())
     if previous["config"]["rounds"] != args.rounds:
         return {}
-    return {
-        row["arm"]: row
-        for row in previous["arms"]
-        if (arm_dir(args, row["arm"]) / "samples.npy").exists()
-    }
+    return {row["arm"]: row for row in previous["arms"] if samples_path(args, row["arm"]).exists()}
+
+
+def result_stem(args: argparse.Namespace) -> Path:
+    """The results' path without suffix (.json, .md, _curves.png, _samples.png)."""
+    return args.out / f"diffusion_flatness_{args.setting}{args.tag}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,45 +440,47 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(names) - set(ARMS)
     if unknown:
         sys.exit(f"unknown arm(s) {sorted(unknown)}; choose from {list(ARMS)}")
-    stem = args.out / f"diffusion_flatness_{args.setting}{args.tag}"
+    stem = result_stem(args)
     done = evaluated_arms(stem, args) if args.resumable else {}
+    todo = pending(args)
+    for name in (name for arms in todo.values() for name in arms):  # an earlier call's leftovers
+        for suffix in (".json", ".npy"):
+            Path(f"{evaluation_path(args, name)}{suffix}").unlink(missing_ok=True)
     base_cmd = [sys.executable, "-m", "bench.exp_diffusion_flatness", *(argv or sys.argv[1:])]
-    pending, running, failed = [n for n in names if n not in done], {}, []
+    order, queue, running = list(trainings(names)), list(todo), {}
     gpus = args.gpus.split(",")
     start = time.perf_counter()
     with tqdm(total=len(names), initial=len(done), desc=f"{args.setting} arms") as bar:
-        while pending or running:
-            while pending and len(running) < args.parallel:
-                name = pending.pop(0)
-                gpu = gpus[names.index(name) % len(gpus)]
+        while queue or running:
+            while queue and len(running) < args.parallel:
+                training = queue.pop(0)
+                gpu = gpus[order.index(training) % len(gpus)]
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-                running[name] = subprocess.Popen([*base_cmd, "--worker", name], env=env)
+                running[training] = subprocess.Popen([*base_cmd, "--worker", training], env=env)
             time.sleep(1)
             if args.deadline and time.perf_counter() - start > args.deadline:
-                failed += pending
-                bar.update(len(pending))
-                pending = []
+                bar.update(sum(len(todo[training]) for training in queue))
+                queue = []
                 for proc in running.values():
                     proc.kill()
-            for name, proc in list(running.items()):
+            for training, proc in list(running.items()):
                 if proc.poll() is not None:
-                    del running[name]
-                    if proc.returncode:
-                        failed.append(name)
-                    bar.update()
-    rows, grids = [], []
+                    del running[training]
+                    bar.update(len(todo[training]))
+    rows, grids, failed = [], [], []
     for name in names:
-        tmp = arm_dir(args, name) / "evaluation"
         if name in done:
             rows.append(done[name])
-            grids.append(np.load(arm_dir(args, name) / "samples.npy"))
+            grids.append(np.load(samples_path(args, name)))
             continue
-        if name in failed:
+        tmp = evaluation_path(args, name)
+        if not Path(f"{tmp}.json").exists():  # its training failed or ran out of time
+            failed.append(name)
             continue
         rows.append(json.loads(Path(f"{tmp}.json").read_text()))
         grids.append(np.load(f"{tmp}.npy"))
         Path(f"{tmp}.json").unlink()
-        Path(f"{tmp}.npy").replace(arm_dir(args, name) / "samples.npy")
+        Path(f"{tmp}.npy").replace(samples_path(args, name))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.pop("worker")
@@ -424,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": time.perf_counter() - start,
         "data": "scikit-learn digits (1797 real 8x8 images, upsampled), 80/20 stratified split",
         "ema_decay_per_round": args.ema_decay,
+        "ema_warmup": args.ema_warmup,
+        "trainings": trainings(names),
         "config": config,
         "failed": failed,
         "arms": rows,
