@@ -406,6 +406,51 @@ def by_partition(table: list[dict], prior: str, seeds: int = 3) -> list[str]:
     return lines
 
 
+TIER3_METHODS = ("fedprox", "fedsam", "scaffold")
+
+
+def by_method(rows: list[dict]) -> list[str]:
+    """Tier 3 against FedAvg, prior `federated`: per model and partition, each method's R@50 /
+    mR@50 (mean over seeds) and its paired difference from FedAvg in points, per seed (same
+    split, partition, initialisation and sampling), mean [min, max]. A difference is read only
+    where every seed's lies on the same side of 0 ("+"/"-" marks it)."""
+    by = {(r["partition"], r["model"], r["method"], r["seed"]): r
+          for r in rows if r["prior"] == "federated"}  # fmt: skip
+    ran = sorted({(k[1], k[0]) for k in by if k[2] in TIER3_METHODS},
+                 key=lambda mp: (MODELS.index(mp[0]), MAIN_PARTITIONS.index(mp[1])))  # fmt: skip
+    if not ran:
+        return []
+
+    def cell(model: str, partition: str, method: str) -> str:
+        seeds = sorted(k[3] for k in by if k[:3] == (partition, model, method))
+        if not seeds:
+            return "-"
+        mean = " / ".join(
+            f"{100 * statistics.fmean(by[(partition, model, method, s)][k] for s in seeds):.1f}"
+            for k in ("R@50", "mR@50")
+        )
+        if method == "fedavg":
+            return mean
+        diffs = []
+        for key in ("R@50", "mR@50"):
+            d = [100 * (by[(partition, model, method, s)][key] - by[(partition, model, "fedavg",
+                 s)][key]) for s in seeds if (partition, model, "fedavg", s) in by]  # fmt: skip
+            if not d:
+                return mean
+            sign = "+" if min(d) > 0 else "-" if max(d) < 0 else ""
+            diffs.append(f"{statistics.fmean(d):+.1f} [{min(d):+.1f}, {max(d):+.1f}]{sign}")
+        return f"{mean} ({' / '.join(diffs)})"
+
+    lines = [
+        "| model | partition | fedavg | " + " | ".join(TIER3_METHODS) + " |",
+        "| --- | --- | --- |" + " --- |" * len(TIER3_METHODS),
+    ]
+    for model, partition in ran:
+        row = [cell(model, partition, m) for m in ("fedavg", *TIER3_METHODS)]
+        lines.append(f"| {model} | {partition} | {' | '.join(row)} |")
+    return lines
+
+
 def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
     """`<name>.json` (every job's row, and the cells) and `<name>.md` (the cells)."""
     cl_epochs = budget_epochs(args.rounds, args.per_round, args.clients, args.epochs)
@@ -455,9 +500,16 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
     for prior in ("federated", "none"):
         pivot = by_partition(table, prior, len(args.seed_list))
         if pivot:
-            title = (f"FedAvg R@50 / mR@50 by partition, prior `{prior}` (CL: "
-                     f"`{CL_PRIOR[prior]}`), partitions by their cluster JSD:")
+            title = (
+                f"FedAvg R@50 / mR@50 by partition, prior `{prior}` (CL: "
+                f"`{CL_PRIOR[prior]}`), partitions by their cluster JSD:"
+            )
             lines += ["", title, "", *pivot]
+    methods = by_method(rows)
+    if methods:
+        lines += ["", "Strategies against FedAvg, prior `federated`: R@50 / mR@50 (mean over "
+                  "seeds), then the per-seed paired difference from FedAvg in points, mean "
+                  "[min, max], marked +/- where every seed agrees:", "", *methods]  # fmt: skip
     (args.results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 

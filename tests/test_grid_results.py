@@ -90,3 +90,27 @@ def test_the_partition_table_orders_by_index_and_names_partial_cells() -> None:
     assert shard.endswith("| 50.0 [50.0, 50.0] / 50.0 [50.0, 50.0] | - |")
     assert cl.startswith("| CL, prior none | | | 80.0")
     assert by_partition(cells(rows), "federated")[-1].startswith("| CL, prior pooled | | | - |")
+
+
+def test_the_strategy_table_pairs_each_seed_with_its_fedavg_run() -> None:
+    """Tier 3 against FedAvg: the difference is taken seed by seed, marked only where every
+    seed agrees in sign; a method that has not run is "-"."""
+    from bench.exp_fl_psg import by_method
+
+    def at(job: str, recall: float) -> dict:
+        return row(job, recall, [1.0])
+
+    rows = [at(f"iid/motifs/fedavg/federated/{s}", r) for s, r in enumerate((0.50, 0.60, 0.55))]
+    rows += [at(f"iid/motifs/fedprox/federated/{s}", r) for s, r in enumerate((0.51, 0.62, 0.58))]
+    rows += [at(f"iid/motifs/fedsam/federated/{s}", r) for s, r in enumerate((0.49, 0.61, 0.55))]
+    rows += [at("iid/motifs/fedprox/none/0", 0.9)]  # another prior: not compared
+    header, _, line = by_method(rows)
+    assert header == "| model | partition | fedavg | fedprox | fedsam | scaffold |"
+    fedavg, fedprox, fedsam, scaffold = line.split(" | ")[2:]
+    assert fedavg == "55.0 / 55.0"
+    # +1, +2, +3 points: all positive -> marked
+    assert fedprox == "57.0 / 57.0 (+2.0 [+1.0, +3.0]+ / +2.0 [+1.0, +3.0]+)"
+    # -1, +1, 0: no reading
+    assert fedsam == "55.0 / 55.0 (+0.0 [-1.0, +1.0] / +0.0 [-1.0, +1.0])"
+    assert scaffold == "- |"
+    assert by_method([at("iid/motifs/fedavg/federated/0", 0.5)]) == []
