@@ -48,7 +48,7 @@ Workers: on the 16-core H200 machine one MOTIFS federation took 344 s with 8 run
 about 730 s with 16 (hyperthreads and memory shared): the same throughput, so 8 workers
 finish jobs inside a 10-minute call where 16 do not. A VCTree federation takes about 1,040 s
 there (two calls) and packs into one 9 MB file: beside the results' two files a call brings back
-six packs, so run it with `--workers 6 --pack-files 6` (eight workers lost two runs' rounds).
+six packs, so run it with `--workers 6 --pack-files 6` (with eight, three runs lost their rounds).
 """
 
 from __future__ import annotations
