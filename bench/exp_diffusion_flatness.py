@@ -115,6 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hessian-batch", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parallel", type=int, default=8, help="worker processes at once")
+    p.add_argument(
+        "--batch-clients",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the app's batch-clients: auto trains a round's clients as one CUDA-graphed stack "
+        "on a GPU (fp32, a graph captured per round); off, each client eagerly",
+    )
     p.add_argument("--gpus", default="0", help="comma-separated CUDA device ids to spread over")
     p.add_argument("--deadline", type=float, default=0, help="stop unfinished arms after s")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -232,6 +239,7 @@ def train(args: argparse.Namespace, names: list[str], device: torch.device, out:
         "batch-size": args.batch_size if central else args.client_batch_size,
         "seed": args.seed,
         "device": device.type,
+        "batch-clients": args.batch_clients,
         "data": "digits",
         "image-size": args.image_size,
         "unet": args.unet,
