@@ -411,11 +411,12 @@ def by_partition(table: list[dict], prior: str, seeds: int = 3) -> list[str]:
 TIER3_METHODS = ("fedprox", "fedsam", "scaffold")
 
 
-def by_method(rows: list[dict]) -> list[str]:
+def by_method(rows: list[dict], seeds: int = 3) -> list[str]:
     """Tier 3 against FedAvg, prior `federated`: per model and partition, each method's R@50 /
     mR@50 (mean over seeds) and its paired difference from FedAvg in points, per seed (same
     split, partition, initialisation and sampling), mean [min, max]. A difference is read only
-    where every seed's lies on the same side of 0 ("+"/"-" marks it)."""
+    where every seed's lies on the same side of 0 ("+"/"-" marks it). A cell with fewer than
+    `seeds` seeds names them."""
     by = {(r["partition"], r["model"], r["method"], r["seed"]): r
           for r in rows if r["prior"] == "federated"}  # fmt: skip
     ran = sorted({(k[1], k[0]) for k in by if k[2] in TIER3_METHODS},
@@ -424,23 +425,25 @@ def by_method(rows: list[dict]) -> list[str]:
         return []
 
     def cell(model: str, partition: str, method: str) -> str:
-        seeds = sorted(k[3] for k in by if k[:3] == (partition, model, method))
-        if not seeds:
+        ran = sorted(k[3] for k in by if k[:3] == (partition, model, method))
+        if not ran:
             return "-"
         mean = " / ".join(
-            f"{100 * statistics.fmean(by[(partition, model, method, s)][k] for s in seeds):.1f}"
+            f"{100 * statistics.fmean(by[(partition, model, method, s)][k] for s in ran):.1f}"
             for k in ("R@50", "mR@50")
         )
+        if len(ran) < seeds:
+            mean += f" (seeds {','.join(map(str, ran))})"
         if method == "fedavg":
             return mean
         diffs = []
         for key in ("R@50", "mR@50"):
             d = [100 * (by[(partition, model, method, s)][key] - by[(partition, model, "fedavg",
-                 s)][key]) for s in seeds if (partition, model, "fedavg", s) in by]  # fmt: skip
+                 s)][key]) for s in ran if (partition, model, "fedavg", s) in by]  # fmt: skip
             if not d:
                 return mean
             sign = "+" if min(d) > 0 else "-" if max(d) < 0 else ""
-            diffs.append(f"{statistics.fmean(d):+.1f} [{min(d):+.1f}, {max(d):+.1f}]{sign}")
+            diffs.append(f"{statistics.fmean(d):+.2f} [{min(d):+.2f}, {max(d):+.2f}]{sign}")
         return f"{mean} ({' / '.join(diffs)})"
 
     lines = [
@@ -507,7 +510,7 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
                 f"`{CL_PRIOR[prior]}`), partitions by their cluster JSD:"
             )
             lines += ["", title, "", *pivot]
-    methods = by_method(rows)
+    methods = by_method(rows, len(args.seed_list))
     if methods:
         lines += ["", "Strategies against FedAvg, prior `federated`: R@50 / mR@50 (mean over "
                   "seeds), then the per-seed paired difference from FedAvg in points, mean "

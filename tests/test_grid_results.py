@@ -109,8 +109,11 @@ def test_the_strategy_table_pairs_each_seed_with_its_fedavg_run() -> None:
     fedavg, fedprox, fedsam, scaffold = line.split(" | ")[2:]
     assert fedavg == "55.0 / 55.0"
     # +1, +2, +3 points: all positive -> marked
-    assert fedprox == "57.0 / 57.0 (+2.0 [+1.0, +3.0]+ / +2.0 [+1.0, +3.0]+)"
+    assert fedprox == "57.0 / 57.0 (+2.00 [+1.00, +3.00]+ / +2.00 [+1.00, +3.00]+)"
     # -1, +1, 0: no reading
-    assert fedsam == "55.0 / 55.0 (+0.0 [-1.0, +1.0] / +0.0 [-1.0, +1.0])"
+    assert fedsam == "55.0 / 55.0 (+0.00 [-1.00, +1.00] / +0.00 [-1.00, +1.00])"
     assert scaffold == "- |"
+    rows += [at("iid/motifs/scaffold/federated/1", 0.62)]  # one seed so far: named
+    assert by_method(rows)[2].endswith("| 62.0 / 62.0 (seeds 1) (+2.00 [+2.00, +2.00]+ / "
+                                       "+2.00 [+2.00, +2.00]+) |")  # fmt: skip
     assert by_method([at("iid/motifs/fedavg/federated/0", 0.5)]) == []
