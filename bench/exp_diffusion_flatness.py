@@ -259,6 +259,7 @@ def train(args: argparse.Namespace, names: list[str], device: torch.device, out:
     seen = sum(c.get("num-examples", 0) for r in rounds for c in r["clients"])
     return {
         "train_images": seen * config["local-epochs"],
+        "train_seconds": rounds[-1]["elapsed-s"],  # over every call that trained it
         "train_loss_curve": [r["train"].get("train_loss") for r in rounds[1:]],
         "test_loss_curve": {r["round"]: r["server"]["loss"] for r in rounds if r["server"]},
         "test_loss_curve_model": "plain" if args.ema_decay else "swa",
@@ -340,9 +341,7 @@ def worker(args: argparse.Namespace) -> None:
     folder = run_dir(args, args.worker)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_set, test = train_test_split(load_digits_set(args.image_size), TEST_FRACTION, args.seed)
-    start = time.perf_counter()
     info = train(args, names, device, folder)
-    info["train_seconds"] = time.perf_counter() - start
     for name in names:
         model = build_unet(args.unet, args.image_size, 1, seed=args.seed).to(device).eval()
         model.load_state_dict(torch.load(folder / model_file(name), map_location=device))

@@ -126,6 +126,8 @@ def test_a_run_killed_with_sigterm_resumes_bit_for_bit(bench, tmp_path, strategy
     assert [r["sampled"] for r in ours] == [r["sampled"] for r in theirs]
     assert [r["server"] for r in ours] == [r["server"] for r in theirs]
     assert [r["clients"] for r in ours] == [r["clients"] for r in theirs]
+    elapsed = [r["elapsed-s"] for r in ours]  # the training's time, counted across the resume
+    assert elapsed == sorted(elapsed)
     trained = {p for r in ours for p in r["sampled"].get("train", [])}
     assert len(trained) > CLIENTS // 2  # partial participation: state skips rounds
 

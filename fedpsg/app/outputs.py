@@ -59,7 +59,8 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         if resume and (self.out_dir / "metrics.json").exists():
             self.rounds = json.loads((self.out_dir / "metrics.json").read_text())["rounds"]
-        self._start = time.monotonic()
+        # elapsed-s counts the training's time across resumes, not this call's only
+        self._start = time.monotonic() - (self.rounds[-1]["elapsed-s"] if self.rounds else 0.0)
         _write_json(self.out_dir / "run_config.json", self.config)
 
     def record(
