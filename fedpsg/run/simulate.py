@@ -86,7 +86,8 @@ def simulate(
     Outputs go to `out_dir` (set as run config `out-dir`), with the SuperLink's log and the
     full run log (`flwr_run.log`); the terminal gets the app's one line per round and errors
     only, unless `verbose`. `ray_address` (else `$RAY_ADDRESS`) puts the ClientApps on an
-    existing Ray cluster (`ray start --head` / `--address`) instead of a fresh local one.
+    existing Ray cluster (`ray start --head` / `--address`); without either, a fresh local one
+    (Ray's own default would join the last cluster started on this machine).
     Returns `flwr_run`'s exit code (0 = the run completed).
     """
     out_dir = Path(out_dir).resolve()
@@ -105,8 +106,8 @@ def simulate(
         "--port", str(port), "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     env = flwr_env(flwr_home)
-    if ray_address:  # Flower's Ray backend calls ray.init(), which joins $RAY_ADDRESS
-        env["RAY_ADDRESS"] = ray_address
+    # Flower's Ray backend calls ray.init(), which joins $RAY_ADDRESS ("local": start one)
+    env["RAY_ADDRESS"] = ray_address or os.environ.get("RAY_ADDRESS") or "local"
     with ManagedProcesses() as procs, _connection(flwr_home, connection, port):
         proc = procs.start(superlink, env, out_dir / "superlink.log")
         wait_for_port(port, proc)
