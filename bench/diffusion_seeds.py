@@ -4,7 +4,8 @@
 (train/test split, initialisation, noise draws, samples). This reads the replicates' result
 files (files of the same seed, e.g. arms run in two batches, are merged) and gives, per arm
 and measure, the mean and the range over the seeds, so a difference between arms can be read
-against the spread within an arm. Arms missing from any seed are left out.
+against the spread within an arm, and plots FID@100 against the top Hessian eigenvalue over
+every arm and seed (`<out>_fid_eigenvalue.png`). Arms missing from any seed are left out.
 
     python -m bench.diffusion_seeds bench/results/diffusion_flatness_central.json \
         bench/results/diffusion_flatness_central_seed1.json \
@@ -106,6 +107,27 @@ def plot(values: dict[str, dict[str, list[float]]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_fid_against_eigenvalue(values: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """FID@100 against the top Hessian eigenvalue, one point per arm and seed: whether flatter
+    models sample better across every arm, not only on average per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for arm, measures in values.items():
+        ax.scatter(measures["lambda_max"], measures["FID@100"], label=arm, s=22)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("top Hessian eigenvalue (lambda_max)")
+    ax.set_ylabel("FID@100")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path, help="result JSONs of the seeds")
@@ -114,11 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     results = [json.loads(path.read_text()) for path in args.results]
     seeds = sorted(by_seed(results))
     values = seed_values(results)
-    text = table(values, seeds)
+    cards = sorted({result.get("device", "unrecorded") for result in results})
+    text = f"Trained on: {', '.join(cards)}.\n\n{table(values, seeds)}"
     args.out.with_suffix(".md").write_text(text + "\n")
     payload = {"seeds": seeds, "files": [str(p) for p in args.results], "arms": values}
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     plot(values, args.out.with_suffix(".png"))
+    plot_fid_against_eigenvalue(values, args.out.with_name(f"{args.out.name}_fid_eigenvalue.png"))
     print(text)
 
 

@@ -45,3 +45,5 @@ def test_seed_values_merge_a_seeds_files_and_keep_the_arms_every_seed_has(tmp_pa
     assert "seeds 0, 1" in text
     assert "| base | 60.0 (40.0 to 80.0) | 30.0 (20.0 to 40.0) |" in text
     assert (tmp_path / "seeds.png").stat().st_size > 0
+    assert (tmp_path / "seeds_fid_eigenvalue.png").stat().st_size > 0
+    assert text.startswith("Trained on: unrecorded.")
