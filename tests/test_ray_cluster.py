@@ -1,4 +1,5 @@
-"""`fedpsg simulate --ray-address`: the ClientApps run on an existing Ray cluster.
+"""`fedpsg simulate --ray-address`: the ClientApps run on an existing Ray cluster (and,
+without it, not on one that happens to run).
 
 A two-node cluster on this machine (`ray.cluster_utils.Cluster`: a head and a second raylet,
 one CPU each); with one CPU per ClientApp, Flower's actor pool holds one actor per node, and
@@ -53,3 +54,10 @@ def test_client_apps_run_on_both_nodes_of_an_existing_cluster(
     client_apps = [a for a in actors().values() if a["ActorClassName"] == "ClientAppActor"]
     assert len(nodes) == 2
     assert {a["Address"]["NodeID"] for a in client_apps} == nodes
+
+    # without an address, a simulation starts its own Ray: Ray's default would have joined
+    # this cluster, the last one started on the machine
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert simulate({**config, "num-server-rounds": 1}, 2, tmp_path / "own") == 0
+    after = [a for a in actors().values() if a["ActorClassName"] == "ClientAppActor"]
+    assert len(after) == len(client_apps)

@@ -107,7 +107,7 @@ def simulate(
     ]  # fmt: skip
     env = flwr_env(flwr_home)
     # Flower's Ray backend calls ray.init(), which joins $RAY_ADDRESS ("local": start one)
-    env["RAY_ADDRESS"] = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    env["RAY_ADDRESS"] = ray_address or env.get("RAY_ADDRESS") or "local"
     with ManagedProcesses() as procs, _connection(flwr_home, connection, port):
         proc = procs.start(superlink, env, out_dir / "superlink.log")
         wait_for_port(port, proc)
