@@ -43,6 +43,7 @@ from fedpsg.run.processes import (
     flwr_env,
     flwr_run,
     free_port,
+    signals_held,
     wait_for_port,
     write_connection,
 )
@@ -177,10 +178,9 @@ class Deployment:
             for name in level:
                 if name in wanted and name not in self.processes:
                     manager = self._managers.setdefault(name, ManagedProcesses())
-                    service = self.plan.services[name]
-                    self.processes[name] = manager.start(
-                        service.argv, self.env(name), self.logs / f"{name}.log"
-                    )
+                    argv, env = self.plan.services[name].argv, self.env(name)
+                    with signals_held():  # a started service is always in `processes`
+                        self.processes[name] = manager.start(argv, env, self.logs / f"{name}.log")
                     started.append(name)
             for name in started:
                 self._await(name, timeout)

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
@@ -252,22 +252,23 @@ class ManagedProcesses:
         """Start `cmd`; its output goes to `log_file` (appended), to a pipe if `capture`,
         else to this process's stdout."""
         stdout: Any = None
-        if log_file is not None:
-            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            stdout = open(log_file, "a")  # noqa: SIM115
-            self._logs.append(stdout)
-        elif capture:
-            stdout = subprocess.PIPE
-        proc = subprocess.Popen(
-            list(cmd),
-            env=None if env is None else dict(env),
-            stdout=stdout,
-            stderr=subprocess.STDOUT if stdout is not None else None,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-        self.processes.append(proc)
+        with signals_held():
+            if log_file is not None:
+                Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+                stdout = open(log_file, "a")  # noqa: SIM115
+                self._logs.append(stdout)
+            elif capture:
+                stdout = subprocess.PIPE
+            proc = subprocess.Popen(
+                list(cmd),
+                env=None if env is None else dict(env),
+                stdout=stdout,
+                stderr=subprocess.STDOUT if stdout is not None else None,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
+            self.processes.append(proc)
         return proc
 
     def stop(self) -> None:
@@ -283,6 +284,44 @@ class ManagedProcesses:
 
 def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
+
+
+class _Held:
+    """A handler that only notes the signal, for `signals_held`."""
+
+    def __init__(self) -> None:
+        self.caught: list[int] = []
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.caught.append(signum)
+
+
+@contextlib.contextmanager
+def signals_held(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then act on them as before.
+
+    Starting a process and recording its pid is one step: an interrupt between the two would
+    leave a process that nobody stops. Nested blocks hold until the outermost ends; off the
+    main thread (where Python cannot set handlers) the block holds nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or isinstance(
+        signal.getsignal(signums[0]), _Held
+    ):
+        yield
+        return
+    held = _Held()
+    previous = {signum: signal.signal(signum, held) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(held.caught):
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def _stop_tree(proc: subprocess.Popen, grace: float) -> None:
