@@ -1,6 +1,7 @@
 """Suite-wide settings: Flower and Hugging Face stay offline and inside the project."""
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,48 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # a plain `flwr run` starts its own Ray instance, never one another test worker's cluster joined
 os.environ.setdefault("RAY_ADDRESS", "local")
+
+
+_early_images: list = []  # the controller's (Dockerd, build thread), once started
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    """Under xdist, start building the compose images as soon as a worker has collected the
+    Docker tests, on the controller, which is otherwise idle: the build (minutes of
+    debootstrap and pip, much of it waiting on the network and the disk) then overlaps the
+    other tests instead of stalling a worker. The tests' `engine` fixture waits for it (builds
+    take turns) and finds the images current; on failure it builds again and reports why."""
+    if _early_images or not any("test_docker_compose.py::" in test for test in ids):
+        return
+    from fedpsg.run.images import Dockerd, ImageBuildError, build_images
+
+    _early_images.append(None)
+    if Dockerd.why_not() is not None:
+        return
+    dockerd = Dockerd()
+    try:
+        dockerd.__enter__()
+    except ImageBuildError:
+        return
+
+    def build() -> None:
+        try:
+            build_images()
+        except Exception:  # noqa: BLE001 (the fixture builds again and reports the cause)
+            return
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    _early_images[0] = (dockerd, thread)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the daemon the controller started for the early build, by pid."""
+    if _early_images and _early_images[0] is not None:
+        dockerd, thread = _early_images[0]
+        thread.join(timeout=600)
+        dockerd.stop()
 
 
 @pytest.fixture(scope="session")

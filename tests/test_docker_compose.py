@@ -146,10 +146,10 @@ def metrics(out_dir: Path) -> list[dict]:
 def test_compose_federation_equals_the_simulation_and_survives_a_killed_node(
     engine, benchmark, tmp_path
 ):
-    """`docker compose up` + `flwr run`, 3 SuperNode containers, 4 rounds. Rounds 1-2 equal
+    """`docker compose up` + `flwr run`, 3 SuperNode containers, 3 rounds. Round 1 equals
     the in-process simulation of the same run; `docker compose kill supernode-1` (SIGKILL)
-    in round 3: the SuperLink gives up on it after its heartbeat lapses, its partition is
-    recorded as lost, and round 4 goes on with the other two. The outputs reach the host.
+    in round 2: the SuperLink gives up on it after its heartbeat lapses, its partition is
+    recorded as lost, and round 3 goes on with the other two. The outputs reach the host.
     (One federation for both: each containerized round costs tens of seconds on 2 cores.)"""
     home = tmp_path / "flwr-home"
     log = tmp_path / "flwr-run.log"
@@ -158,36 +158,36 @@ def test_compose_federation_equals_the_simulation_and_survives_a_killed_node(
         connect(home, stack.port)
         online_nodes(home, NODES)
 
-        def kill_in_round_3() -> None:
+        def kill_in_round_2() -> None:
             deadline = time.monotonic() + TIMEOUT
             while time.monotonic() < deadline:
-                if log.exists() and "[ROUND 3/" in log.read_text():
+                if log.exists() and "[ROUND 2/" in log.read_text():
                     stack("kill", "supernode-1")
                     killed.set()
                     return
                 time.sleep(0.2)
 
-        watcher = threading.Thread(target=kill_in_round_3)
+        watcher = threading.Thread(target=kill_in_round_2)
         watcher.start()
-        config = {**RUN, **IN_CONTAINERS, "num-server-rounds": 4}
+        config = {**RUN, **IN_CONTAINERS, "num-server-rounds": 3}
         code = flwr_run(ROOT, CONNECTION, config, home, stream=False, timeout=TIMEOUT,
                         log_file=log)  # fmt: skip
         watcher.join()
         results = stack.copy_out("serverapp", compose.RESULTS, tmp_path / "results")
         state = stack("ps", "supernode-1").stdout
-    assert killed.is_set(), "the run never reached round 3"
+    assert killed.is_set(), "the run never reached round 2"
     assert code == 0, log.read_text()[-3000:]
     assert "Exit 137" in state or "exited (137)" in state.lower(), state
     for output in ("metrics.json", "metrics.csv", "summary.md", "final_model.pt"):
         assert (results / output).stat().st_size > 0, output
     deployed = metrics(results)
-    assert [r["round"] for r in deployed] == [0, 1, 2, 3, 4]
+    assert [r["round"] for r in deployed] == [0, 1, 2, 3]
 
-    # before the kill: the simulation's numbers, every node, every round
-    simulate_in_process({**RUN, "benchmark-dir": str(benchmark), "num-server-rounds": 4},
+    # before the kill: the simulation's numbers, every node
+    simulate_in_process({**RUN, "benchmark-dir": str(benchmark), "num-server-rounds": 3},
                         NODES, tmp_path / "sim")  # fmt: skip
     simulated = metrics(tmp_path / "sim")
-    for ours, theirs in zip(deployed[:3], simulated[:3], strict=True):
+    for ours, theirs in zip(deployed[:2], simulated[:2], strict=True):
         assert ours["server"].keys() == theirs["server"].keys()
         for key, value in ours["server"].items():
             assert value == pytest.approx(theirs["server"][key], rel=1e-5, abs=1e-7), key
@@ -198,13 +198,13 @@ def test_compose_federation_equals_the_simulation_and_survives_a_killed_node(
             assert client["num-examples"] == other["num-examples"]
             assert client["train_loss"] == pytest.approx(other["train_loss"], rel=1e-5)
 
-    # the kill: partition 1 lost in round 3, round 4 without it
-    lost = [c for c in deployed[3]["clients"] if "error" in c]
-    assert [c["partition-id"] for c in lost] == [1], deployed[3]["clients"]
+    # the kill: partition 1 lost in round 2, round 3 without it
+    lost = [c for c in deployed[2]["clients"] if "error" in c]
+    assert [c["partition-id"] for c in lost] == [1], deployed[2]["clients"]
     assert "Node Unavailable" in lost[0]["error"]
-    assert sorted(c["partition-id"] for c in deployed[4]["clients"]) == [0, 2]
-    assert all("error" not in c for c in deployed[4]["clients"])
-    assert deployed[4]["server"]["loss"] < deployed[0]["server"]["loss"]
+    assert sorted(c["partition-id"] for c in deployed[3]["clients"]) == [0, 2]
+    assert all("error" not in c for c in deployed[3]["clients"])
+    assert deployed[3]["server"]["loss"] < deployed[0]["server"]["loss"]
 
 
 def test_tls_overlay_runs_and_refuses_an_unregistered_node(engine, benchmark, tmp_path):

@@ -15,9 +15,7 @@ import fcntl
 import tempfile
 from pathlib import Path
 
-from benchmark_builder.build import BuildConfig, build_benchmark
 from benchmark_builder.featurizers import default_cache_dir
-from benchmark_builder.synthetic import generate_synthetic_psg
 
 IMAGES_PER_CLIENT = 40
 MIN_IMAGES = 100
@@ -39,6 +37,11 @@ def default_benchmark(num_clients: int, cache_dir: Path | None = None) -> Path:
     with open(root / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not (out / "manifest.json").exists():
+            # imported here: the builder pulls in scikit-learn and flwr-datasets (2.5 s), which
+            # every ClientApp process (one per message in a deployment) would pay for nothing
+            from benchmark_builder.build import BuildConfig, build_benchmark
+            from benchmark_builder.synthetic import generate_synthetic_psg
+
             with tempfile.TemporaryDirectory(dir=root, prefix=".synthetic-") as tmp:
                 images = max(MIN_IMAGES, IMAGES_PER_CLIENT * num_clients)
                 psg = generate_synthetic_psg(Path(tmp) / "psg", images, seed=0)

@@ -24,6 +24,7 @@ wheelhouse whose requirements did not change is not refilled.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import http.server
@@ -336,10 +337,25 @@ def docker_build(
     _run_logged([*argv, str(context)], LOGS / f"build-{safe}.log", f"docker build {image}")
 
 
+@contextlib.contextmanager
+def _one_builder_at_a_time() -> Iterator[None]:
+    """An exclusive lock on this checkout's image cache: a second build waits for the first,
+    then finds its images current instead of building them again."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with open(LOGS / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def build_images(force: bool = False, progress: Progress | None = None) -> list[Built]:
     """Build (or keep, when their inputs are unchanged) every image the compose federation
-    needs; needs a running Docker daemon (see `Dockerd`). Returns them with their sizes."""
-    say = progress or (lambda message: None)
+    needs; needs a running Docker daemon (see `Dockerd`). Returns them with their sizes.
+    Builds of one checkout take turns."""
+    with _one_builder_at_a_time():
+        return _build_images(force, progress or (lambda message: None))
+
+
+def _build_images(force: bool, say: Progress) -> list[Built]:
     built: dict[str, bool] = {}
     say(f"{ROOTFS_IMAGE}: debootstrap")
     built[ROOTFS_IMAGE] = build_rootfs(force)
