@@ -135,7 +135,7 @@ def online_nodes(home: Path, count: int, timeout: float = 180) -> list[dict]:
         online = [n for n in nodes if n.get("status") == "online"]
         if len(online) >= count:
             return online
-        time.sleep(1)
+        time.sleep(3)  # each `flwr` call costs a second of CPU: poll gently
     raise AssertionError(f"{len(online)} of {count} SuperNodes online after {timeout:.0f}s")
 
 

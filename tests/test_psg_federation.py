@@ -19,11 +19,13 @@ import pandas as pd
 import pytest
 import torch
 from conftest import build_synthetic_benchmark
+from flwr.app import MessageType
 
 from fedpsg.app.config import round_seed
 from fedpsg.app.task import load_task
 from fedpsg.run.processes import ManagedProcesses, format_run_config, write_connection
 from fedpsg.run.simulate import simulate, simulate_in_process
+from strategies.server import sample_clients
 
 NUM_CLIENTS = 5
 STRATEGIES = ("fedavg", "fedprox", "fedsam", "scaffold")
@@ -81,10 +83,20 @@ def recall(run_dir: Path, name: str = "R@50") -> list[float]:
     return pd.read_csv(run_dir / "metrics.csv")[f"server/{name}"].tolist()
 
 
+def rounds(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "metrics.json").read_text())["rounds"]
+
+
 def test_flwr_run_simulates_every_strategy_and_writes_outputs(benchmark_dir, tmp_path):
+    """3 of the 5 clients train per round: every strategy samples the partitions that
+    (seed, round) alone pick, and the in-process engine replays the Ray run."""
     out = tmp_path / "sim"
     home = tmp_path / "flwr-home"
-    config = run_config(benchmark_dir, out, strategy=",".join(STRATEGIES))
+    config = run_config(
+        benchmark_dir, out, strategy=",".join(STRATEGIES), **{"fraction-train": 0.6}
+    )
+    identity = {p: p for p in range(NUM_CLIENTS)}
+    sampled = [sample_clients(identity, 3, 0, r, MessageType.TRAIN) for r in (1, 2, 3)]
     code = simulate(config, NUM_CLIENTS, out, flwr_home=home, stream=False, timeout=400)
     log = (out / "flwr_run.log").read_text()
     assert code == 0, log[-3000:]
@@ -95,8 +107,11 @@ def test_flwr_run_simulates_every_strategy_and_writes_outputs(benchmark_dir, tmp
         r50 = recall(run)
         assert len(r50) == 4  # round 0 + 3 rounds
         assert r50[-1] > r50[0], f"{name}: R@50 {r50}"
+        assert [r["sampled"]["train"] for r in rounds(run)[1:]] == sampled
         clients = pd.read_csv(run / "client_metrics.csv")
-        assert sorted(clients["partition-id"].unique()) == list(range(NUM_CLIENTS))
+        assert [sorted(clients[clients["round"] == r]["partition-id"]) for r in (1, 2, 3)] == (
+            sampled
+        )
         assert "mR@50" in (run / "summary.md").read_text()
         state = torch.load(run / "final_model.pt")
         model = load_task("psg").build_model(config)
@@ -109,9 +124,19 @@ def test_flwr_run_simulates_every_strategy_and_writes_outputs(benchmark_dir, tmp
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
     assert f"fedpsg-sim-{port}" not in (home / "config.toml").read_text()
-    # the in-process engine runs the same app code: same seeds, same metrics
-    simulate_in_process({**config, "strategy": "fedavg"}, NUM_CLIENTS, tmp_path / "local")
-    assert recall(tmp_path / "local") == recall(out / "fedavg")
+    # the in-process engine runs the same app code: same partitions, metrics and weights
+    local = tmp_path / "local"
+    simulate_in_process({**config, "strategy": "fedavg"}, NUM_CLIENTS, local)
+    ours, theirs = rounds(out / "fedavg"), rounds(local)
+    assert [r["sampled"] for r in ours] == [r["sampled"] for r in theirs]
+    for mine, other in zip(ours, theirs, strict=True):
+        assert mine["server"] == pytest.approx(other["server"], rel=1e-5, abs=1e-7)
+        assert [(c["partition-id"], c["num-examples"]) for c in mine["clients"]] == [
+            (c["partition-id"], c["num-examples"]) for c in other["clients"]
+        ]
+    wa, wb = torch.load(out / "fedavg" / "final_model.pt"), torch.load(local / "final_model.pt")
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
 
 
 def test_a_tampered_shard_is_an_error_reply_and_the_round_goes_on(benchmark_dir, tmp_path):

@@ -2,30 +2,26 @@
 alone, so the Ray simulation, the in-process engine and a multi-process deployment pick the
 same partitions in every round and end with identical metrics and weights.
 
-The strategy-level tests pin the sampling itself (node ids, listing order, other consumers of
-randomness, seeds); the engine tests run the real app on a 200-client benchmark at 5% per
-round (Ray and in-process) and on the compose file's 3 SuperNodes, 2 per round (deployment).
+The tests here pin the sampling itself (node ids, listing order, other consumers of
+randomness, seeds) on 200 partitions; the engines replay each other with the real app in
+`test_psg_federation.py` (Ray and in-process, 3 of 5 clients per round) and
+`test_deploy_local.py` (the compose file's 3 SuperNodes, 2 per round).
 `test_resume.py` shows a resumed run sampling as the uninterrupted one.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import build_synthetic_benchmark
 from flwr.app import ConfigRecord, MessageType
 
-from fedpsg.run.simulate import simulate, simulate_in_process
 from strategies import server_strategy
 from strategies.local_grid import LocalGrid
 from strategies.server import sample_clients, to_record
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
 
 
@@ -90,63 +86,3 @@ def test_a_plain_grid_samples_by_node_id_whatever_its_listing_order():
     with pytest.raises(ValueError, match="seed must be >= 0"):
         server_strategy("fedavg", seed=-1)
 
-
-CLIENTS, FRACTION, ROUNDS = 200, 0.05, 3
-RUN = {
-    "task": "psg",
-    "model": "frequency",
-    "num-server-rounds": ROUNDS,
-    "fraction-train": FRACTION,
-    "min-train-nodes": 2,
-    "local-epochs": 1,
-    "lr": 0.1,
-    "batch-size": 4,
-    "seed": 0,
-}
-
-
-@pytest.fixture(scope="module")
-def bench200(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sampling")
-    return build_synthetic_benchmark(
-        root, 480, 1, with_pixels=False, num_clients=CLIENTS, partition="iid", alpha=None,
-        num_clusters=3, seed=0, featurizer_options={"cache_dir": str(root / "cache")},
-    )  # fmt: skip
-
-
-def rounds(out: Path) -> list[dict]:
-    return json.loads((out / "metrics.json").read_text())["rounds"]
-
-
-def assert_same_run(ours: Path, theirs: Path) -> None:
-    """Same partitions sampled, same metrics, same final weights, round by round."""
-    a, b = rounds(ours), rounds(theirs)
-    assert [r["round"] for r in a] == [r["round"] for r in b]
-    assert [r["sampled"] for r in a] == [r["sampled"] for r in b]
-    assert [r["server"] for r in a] == [r["server"] for r in b]
-    assert [r["clients"] for r in a] == [r["clients"] for r in b]
-    wa, wb = torch.load(ours / "final_model.pt"), torch.load(theirs / "final_model.pt")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa) and wa.keys() == wb.keys()
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-def test_ray_and_in_process_sample_the_same_partitions_every_round(bench200, tmp_path):
-    config = {**RUN, "benchmark-dir": str(bench200)}
-    ray_dir, local_dir = tmp_path / "ray", tmp_path / "in-process"
-    code = simulate(config, CLIENTS, ray_dir, flwr_home=tmp_path / "flwr-home", stream=False,
-                    timeout=500)  # fmt: skip
-    assert code == 0, (ray_dir / "flwr_run.log").read_text()[-3000:]
-    simulate_in_process(config, CLIENTS, local_dir)
-    assert_same_run(ray_dir, local_dir)
-    identity = {p: p for p in range(CLIENTS)}
-    expected = [sample_clients(identity, 10, 0, r, TRAIN) for r in range(1, ROUNDS + 1)]
-    assert [r["sampled"]["train"] for r in rounds(ray_dir)[1:]] == expected
-    assert [sorted(c["partition-id"] for c in r["clients"]) for r in rounds(ray_dir)[1:]] == (
-        expected
-    )
-    assert rounds(ray_dir)[-1]["server"]["R@50"] > rounds(ray_dir)[0]["server"]["R@50"]
-
-
-# The deployment engine's replay of the in-process engine under sampling:
-# tests/test_deploy_local.py::test_local_federation_replays_the_in_process_engine_with_sampling.
