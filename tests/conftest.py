@@ -16,6 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # a plain `flwr run` starts its own Ray instance, never one another test worker's cluster joined
 os.environ.setdefault("RAY_ADDRESS", "local")
+# One intra-op thread in every process the suite starts (torch reads this at import), as Ray gives
+# a 1-CPU actor: two workers on two cores already fill them, and extra OpenMP threads only
+# spin. Measured while both cores were busy: the docs' diffusion commands took 377 CPU-seconds
+# (400 s) with torch's default threads, 49 (76 s) with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 _early_images: list = []  # the controller's (Dockerd, build thread), once started
@@ -72,17 +77,6 @@ def synthetic_psg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from benchmark_builder.synthetic import generate_synthetic_psg  # only sessions that use it
 
     return generate_synthetic_psg(tmp_path_factory.mktemp("synthetic") / "psg", 24, seed=0)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny graphs: one intra-op thread is faster than two fighting over the cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build_synthetic_benchmark(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from torch import nn
@@ -19,15 +18,6 @@ from strategies import client_half, train_local
 from strategies.base import ArrayDict
 from strategies.local_grid import LocalGrid
 from strategies.server import to_numpy, to_record
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def heterogeneous_least_squares(

@@ -21,8 +21,6 @@ from strategies.base import train_local
 from strategies.batched import train_local_stacked
 from strategies.scaffold import CLIENT_CONTROL
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 LR, BETAS, EPS, DECAY = 2e-3, (0.8, 0.95), 1e-7, 0.05
 TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
 LOSS = DenoisingLoss(make_scheduler(1000))

@@ -59,7 +59,7 @@ def _scaffold_inputs(model, num, seed):
 @pytest.mark.parametrize(
     "name,per_stack", [*((n, None) for n in sorted(ALGORITHMS)), ("scaffold", 2), ("fedsam", 1)]
 )
-def test_stacked_matches_per_client(clients, name, per_stack, one_thread):
+def test_stacked_matches_per_client(clients, name, per_stack):
     """One stack of all clients, or stacks of `per_stack` clients taking turns."""
     model, images = clients
     config = ALGORITHMS[name]
@@ -119,7 +119,7 @@ def test_stacked_matches_per_client(clients, name, per_stack, one_thread):
         assert any(np.abs(a).max() > 0 for a in many[0][1][CONTROL_DELTA].values())
 
 
-def test_task_train_many_matches_train(clients, one_thread):
+def test_task_train_many_matches_train(clients):
     """DiffusionTask.train_many gives each client what DiffusionTask.train gives it,
     including the per-client round counter that seeds the next round's draws."""
     task = load_task("diffusion")

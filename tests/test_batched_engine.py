@@ -101,7 +101,7 @@ def assert_same_federation(batched, reference):
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_batched_federation_equals_per_client(tmp_path, strategy, per_client, calls, one_thread):
+def test_batched_federation_equals_per_client(tmp_path, strategy, per_client, calls):
     reference = per_client(strategy)
     calls.clear()
     batched = federation(tmp_path, strategy, "on")
@@ -114,8 +114,7 @@ def test_batched_federation_equals_per_client(tmp_path, strategy, per_client, ca
     assert len(sizes) == CLIENTS  # clients of different sizes: ragged steps inside the stack
 
 
-def test_clients_split_over_two_devices_in_threads(tmp_path, monkeypatch, per_client, calls,
-                                                   one_thread):  # fmt: skip
+def test_clients_split_over_two_devices_in_threads(tmp_path, monkeypatch, per_client, calls):
     """What device "cuda" does on a 2-GPU machine, with two CPU "devices": one
     `train_many` call per device and round, each in its own thread; same federation."""
     reference = per_client("fedavg")
@@ -130,7 +129,7 @@ def test_clients_split_over_two_devices_in_threads(tmp_path, monkeypatch, per_cl
     assert not [w for w in caught if "batching rule" in str(w.message)]
 
 
-def test_unreadable_partition_is_an_error_reply_and_the_others_train(tmp_path, calls, one_thread):
+def test_unreadable_partition_is_an_error_reply_and_the_others_train(tmp_path, calls):
     _, rounds = federation(
         tmp_path, "fedavg", "on", node_configs={1: {"data": f"folder:{tmp_path / 'none'}"}}
     )
@@ -140,7 +139,7 @@ def test_unreadable_partition_is_an_error_reply_and_the_others_train(tmp_path, c
         assert [replies[pid]["train_loss"] > 0 for pid in (0, 2)] == [True, True]
 
 
-def test_a_failing_train_many_fails_its_clients_not_the_run(tmp_path, monkeypatch, one_thread):
+def test_a_failing_train_many_fails_its_clients_not_the_run(tmp_path, monkeypatch):
     def broken(self, *args, **kwargs):
         raise RuntimeError("out of memory")
 
@@ -166,7 +165,7 @@ def test_auto_batches_only_on_cuda(monkeypatch):
     assert devices(device="cuda", task="psg") == []  # the PSG task has no train_many
 
 
-def test_auto_on_cpu_trains_client_by_client(tmp_path, calls, one_thread):
+def test_auto_on_cpu_trains_client_by_client(tmp_path, calls):
     simulate_in_process({**RUN, "strategy": "fedavg", "num-server-rounds": 1}, CLIENTS, tmp_path)
     assert calls["train_many"] == 0 and calls["train"] == CLIENTS
 

@@ -21,8 +21,6 @@ from fedpsg.app.task import load_task
 from strategies.base import train_local
 from strategies.batched import train_local_stacked
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SIZES = (45, 32, 23, 9)
 STEPS = 2 * 3  # two epochs of three lockstep steps
 SHAPE_GROUPS = 2 * (2 + 2 + 1)  # per epoch: {16, 9}, {16, 7} (client 3 out), {13}

@@ -9,7 +9,6 @@ from strategies_harness import (
     heterogeneous_least_squares,
     initial_arrays,
     make_grid,
-    one_thread,  # noqa: F401 - fixture
 )
 from torch import nn
 
@@ -18,8 +17,6 @@ from strategies.base import ClientHalf
 from strategies.fedsam import FedSAMClient
 from strategies.local_grid import LocalGrid
 from strategies.server import to_numpy, to_record
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quadratic_step(adaptive: bool) -> float:

@@ -21,7 +21,6 @@ from fedpsg.run.simulate import simulate, simulate_in_process
 from strategies.local_grid import LocalGrid
 
 NUM_CLIENTS = 4
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,6 @@ from strategies.fedsam import FedSAMClient
 from strategies.scaffold import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL, ScaffoldClient
 from strategies.state import ClientStateStore
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 LR, BETAS, EPS = 0.05, (0.8, 0.95), 1e-6
 
 

@@ -21,7 +21,6 @@ from strategies.base import ClientHalf
 KEYS = [f"{m}@{k}" for m in ("R", "mR") for k in (20, 50, 100)]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

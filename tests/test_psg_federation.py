@@ -42,7 +42,6 @@ OUTPUTS = (
 NAMES = ("plain", "ema", "swa")  # final_model_<name>.pt with any server average kept
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ from fedpsg.app.task import load_task
 from fedpsg.psg.data import VisualFeaturizer
 from strategies.base import ClientHalf
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def benchmark_dir(tmp_path_factory):

@@ -10,7 +10,6 @@ round, so a client's state comes from an earlier round than the last.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -45,7 +44,6 @@ RUN = {
     "rho": 0.05,
 }
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +79,7 @@ def kill_after_round(bench: Path, strategy: str, out: Path, after: int) -> int:
     cmd = [sys.executable, "-m", "fedpsg", "simulate", str(bench), "--engine", "in-process",
            "--out-dir", str(out), "--rounds", "50", "--strategy", strategy,
            "--model", RUN["model"], "-c", f"{options} checkpoint=true"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
     try:
         deadline = time.monotonic() + 120

@@ -13,7 +13,6 @@ from strategies_harness import (
     heterogeneous_least_squares,
     initial_arrays,
     make_grid,
-    one_thread,  # noqa: F401 - fixture
 )
 from torch import nn
 
@@ -21,8 +20,6 @@ from strategies import client_half, server_strategy, train_local
 from strategies.local_grid import LocalGrid
 from strategies.scaffold import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
 from strategies.server import to_numpy, to_record
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_client_update_matches_hand_worked_case():

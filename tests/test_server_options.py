@@ -12,7 +12,6 @@ from strategies_harness import (
     heterogeneous_least_squares,
     initial_arrays,
     make_grid,
-    one_thread,  # noqa: F401 - fixture
 )
 
 import strategies
@@ -27,8 +26,6 @@ from strategies.server import (
     to_numpy,
     to_record,
 )
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _arrays(w: float, n: int = 0) -> dict:

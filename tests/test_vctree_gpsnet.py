@@ -32,7 +32,6 @@ from strategies.base import ClientHalf, train_local
 NEW_MODELS = ["vctree", "gpsnet"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ragged_scenes(visual: bool, sizes=((1, 0), (2, 1), (9, 6), (4, 0))) -> list[Scene]:
