@@ -32,7 +32,7 @@ from fedpsg.run.deploy import (
     local_paths,
     plan_federation,
 )
-from fedpsg.run.processes import free_port
+from fedpsg.run.processes import _alive, free_port
 from fedpsg.run.simulate import simulate_in_process
 
 pytestmark = pytest.mark.slow
@@ -91,14 +91,6 @@ def run_federation(benchmark, run_dir, *, doc=None, during=None, **config):
         if watcher is not None:
             watcher.join()
     return code, deployment
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def test_local_federation_replays_the_in_process_engine_with_sampling(benchmark, tmp_path):
