@@ -25,13 +25,11 @@ from fedpsg.psg.models.gpsnet import (
     nps_loss,
     segment_softmax,
 )
-from fedpsg.psg.models.vctree import VCTreeOutput, build_forest, prim_tree
+from fedpsg.psg.models.vctree import BiTreeLSTM, VCTreeOutput, build_forest, prim_tree
 from fedpsg.psg.train import RelationLoss, SceneLoader, evaluate, frequency_prior
 from strategies.base import ClientHalf, train_local
 
 NEW_MODELS = ["vctree", "gpsnet"]
-
-
 
 
 def ragged_scenes(visual: bool, sizes=((1, 0), (2, 1), (9, 6), (4, 0))) -> list[Scene]:
@@ -103,6 +101,65 @@ def test_build_forest_is_a_spanning_tree_of_each_image_with_its_binary_form():
         if up[v] >= 0:
             assert left[up[v]] == v or right[up[v]] == v
             assert depth[v] == depth[up[v]] + 1
+
+
+def tree_lstm_node_by_node(tree: BiTreeLSTM, x, forest, gate) -> torch.Tensor:
+    """The BiTreeLSTM's definition, one node at a time: children before parents bottom-up,
+    parents before children top-down, every message scaled by the gate of its edge."""
+    n, hidden = x.size(0), tree.hidden_dim
+    zero = x.new_zeros(hidden)
+    left, right, up = forest.left.tolist(), forest.right.tolist(), forest.up.tolist()
+    by_depth = sorted(range(n), key=lambda v: int(forest.depth[v]))
+    up_h, up_c, down_h, down_c = {}, {}, {}, {}
+
+    def child(v: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (up_h[v] * gate[v], up_c[v] * gate[v]) if v >= 0 else (zero, zero)
+
+    for v in reversed(by_depth):
+        (hl, cl), (hr, cr) = child(left[v]), child(right[v])
+        gates = tree.up_input(x[v]) + tree.up_hidden(torch.cat([hl, hr]))
+        i, fl, fr, o, u = gates.chunk(5)
+        up_c[v] = i.sigmoid() * u.tanh() + fl.sigmoid() * cl + fr.sigmoid() * cr
+        up_h[v] = o.sigmoid() * up_c[v].tanh()
+    for v in by_depth:
+        p = up[v]
+        state = (down_h[p] * gate[v], down_c[p] * gate[v]) if p >= 0 else (zero, zero)
+        h, c = tree.down(x[v][None], (state[0][None], state[1][None]))
+        down_h[v], down_c[v] = h[0], c[0]
+    return torch.stack([torch.cat([up_h[v], down_h[v]]) for v in range(n)])
+
+
+def test_bitreelstm_sweeps_equal_the_node_by_node_definition():
+    sizes = [1, 3, 9, 14, 5]
+    image = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    n = len(image)
+    torch.manual_seed(0)
+    score = torch.rand(n, n)
+    forest = build_forest((score + score.T) / 2, image, len(sizes))
+    assert len(forest.sizes) > 4  # deep enough for the levels to matter
+    tree = BiTreeLSTM(6, 5)
+    x = torch.randn(n, 6, requires_grad=True)
+    gate = torch.rand(n, requires_grad=True)
+    weights = torch.randn(n, 10)
+    swept = tree(x, forest, gate)
+    reference = tree_lstm_node_by_node(tree, x, forest, gate)
+    torch.testing.assert_close(swept, reference)
+    inputs = (x, gate, *tree.parameters())
+    grads = torch.autograd.grad((swept * weights).sum(), inputs)
+    expected = torch.autograd.grad((reference * weights).sum(), inputs)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_vctree_pair_score_is_its_score_layer_on_the_concatenated_pair():
+    torch.manual_seed(0)
+    model = build_model("vctree", spec(False))
+    batch = collate(ragged_scenes(False))
+    nodes = torch.randn(len(batch.labels), (model.score[0].in_features - PAIR_GEOMETRY_DIM) // 2)
+    subject, obj = batch.pairs.unbind(1)
+    plain = model.score(torch.cat([nodes[subject], nodes[obj], batch.pair_geometry], 1))
+    split = model.pair_score(nodes, subject, obj, batch.pair_geometry)
+    torch.testing.assert_close(split, plain.squeeze(1))
 
 
 @pytest.mark.parametrize("visual", [False, True], ids=["geometry", "visual"])
