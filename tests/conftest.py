@@ -59,9 +59,8 @@ def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Heaviest files first (those with Docker tests, then those that start Flower or Ray), each
-    file's tests in their own order: the workers take files in this order (`--dist loadfile`
-    with `--no-loadscope-reorder`, else xdist puts the files with most tests first), so the
-    longest start at once instead of ending the run on one worker while the other idles."""
+    file's tests in their own order: the workers take files in this order, so the longest start
+    at once instead of ending the run on one worker while the other idles."""
 
     def weight(item: pytest.Item) -> int:
         if item.get_closest_marker("docker"):
