@@ -57,23 +57,6 @@ def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
     _early_images[0] = (dockerd, thread)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Heaviest files first (those with Docker tests, then those that start Flower or Ray), each
-    file's tests in their own order: the workers take files in this order, so the longest start
-    at once instead of ending the run on one worker while the other idles."""
-
-    def weight(item: pytest.Item) -> int:
-        if item.get_closest_marker("docker"):
-            return 0
-        return 1 if item.get_closest_marker("slow") else 2
-
-    rank: dict[Path, int] = {}
-    for item in items:
-        rank[item.path] = min(rank.get(item.path, 2), weight(item))
-    order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (rank[item.path], order[id(item)]))
-
-
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop the daemon the controller started for the early build, by pid."""
     if _early_images and _early_images[0] is not None:
