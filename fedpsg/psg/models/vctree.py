@@ -65,10 +65,10 @@ class Forest:
     up: torch.Tensor
     depth: torch.Tensor
     order: torch.Tensor
-    sizes: list[int]
     left_at: torch.Tensor
     right_at: torch.Tensor
     up_at: torch.Tensor
+    sizes: list[int]
 
 
 @dataclass
@@ -137,12 +137,8 @@ def build_forest(score: torch.Tensor, segment_image: torch.Tensor, num_images: i
     above = np.where(depth > 0, sizes[np.maximum(depth - 1, 0)], 0)
     left_at, right_at = (np.where(t >= 0, at[t], below)[order] for t in (left, right))
     up_at = np.where(up >= 0, at[up], above)[order]
-    tensors = (parent, left, right, up, depth, order)
-    return Forest(
-        *(torch.from_numpy(a).to(segment_image.device) for a in tensors),
-        sizes.tolist(),
-        *(torch.from_numpy(a).to(segment_image.device) for a in (left_at, right_at, up_at)),
-    )
+    arrays = (parent, left, right, up, depth, order, left_at, right_at, up_at)
+    return Forest(*(torch.from_numpy(a).to(segment_image.device) for a in arrays), sizes.tolist())
 
 
 def pair_index(batch: SceneBatch) -> torch.Tensor:
